@@ -1,0 +1,1 @@
+"""Adapters that put the token engine inside real model implementations."""

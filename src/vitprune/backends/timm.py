@@ -1,0 +1,170 @@
+"""timm backend: a thin class swap of ``VisionTransformer`` (and subclasses such as distilled DeiT).
+
+Only the model's class changes: its ``forward_features`` runs the blocks through the shared engine and its
+``pool`` weights average pooling by token size. Parameters, buffers and submodules are never touched, so
+``unpatch`` (restoring the class) gives back the original model exactly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import AttentionScores, attend
+from ..engine import PatchContext, run_blocks
+from ..methods.base import ModelInfo, Trace
+from ..tokens import TokenState
+
+try:  # timm is a hard dependency, but keep the import error readable
+    from timm.layers.attention import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import VisionTransformer
+except ImportError as e:  # pragma: no cover
+    raise ImportError("vitprune's timm backend needs timm >= 1.0: pip install 'timm>=1.0'") from e
+
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
+
+
+class TimmBlockOps:
+    """Runs the parts of a timm ``Block`` (pre-norm, optional LayerScale/DropPath, optional QK-norm and gate)."""
+
+    @staticmethod
+    def norm1(block: nn.Module, x: Tensor) -> Tensor:
+        return block.norm1(x)
+
+    @staticmethod
+    def attention(block: nn.Module, h: Tensor, size: Tensor | None) -> tuple[Tensor, AttentionScores]:
+        attn = block.attn
+        b, n, _ = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        out, scores = attend(q, k, v, scale=attn.scale, size=size, dropout_p=dropout)
+        out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
+        if attn.gate is not None:
+            out = out * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(out)), scores
+
+    @staticmethod
+    def attn_residual(block: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return x + block.drop_path1(block.ls1(y))
+
+    @staticmethod
+    def mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise one ValueError listing why this timm model cannot be patched (if it cannot)."""
+    problems = []
+    for i, block in enumerate(model.blocks):
+        if type(block) is not TimmBlock:
+            problems.append(f"block {i} is {type(block).__name__} (only timm's pre-norm Block is supported)")
+            break
+        if type(block.attn) is not TimmAttention:
+            problems.append(f"block {i} attention is {type(block.attn).__name__} (only timm's Attention is supported)")
+            break
+    if model.global_pool not in SUPPORTED_POOLS or getattr(model, "attn_pool", None) is not None:
+        problems.append(f"global_pool={model.global_pool!r} (supported: {', '.join(repr(p) for p in SUPPORTED_POOLS)})")
+    if problems:
+        raise ValueError(
+            f"cannot patch {type(model).__name__}: " + "; ".join(problems)
+            + ". Use a standard ViT/DeiT/DINOv2 from timm (e.g. timm.create_model('deit_small_patch16_224'))."
+        )
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    block = model.blocks[0]
+    mlp_hidden = block.mlp.fc1.out_features if hasattr(block.mlp, "fc1") else 4 * model.embed_dim
+    return ModelInfo(
+        depth=len(model.blocks),
+        dim=model.embed_dim,
+        num_heads=block.attn.num_heads,
+        num_prefix=model.num_prefix_tokens,
+        grid=tuple(model.patch_embed.grid_size),
+        mlp_ratio=mlp_hidden / model.embed_dim,
+        has_cls=model.cls_token is not None,
+    )
+
+
+def _check_input(model: nn.Module, x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected images as a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: pass at least one image")
+    in_chans = model.patch_embed.proj.in_channels
+    if x.shape[1] != in_chans:
+        raise ValueError(f"model expects {in_chans} input channel(s), got {x.shape[1]}; convert the images first")
+    pe = model.patch_embed
+    strict = getattr(pe, "strict_img_size", True) and not getattr(model, "dynamic_img_size", False)
+    if strict and pe.img_size is not None and tuple(x.shape[-2:]) != tuple(pe.img_size):
+        h, w = pe.img_size
+        raise ValueError(
+            f"image size {tuple(x.shape[-2:])} does not match the model's {h}x{w}; resize the images to {h}x{w}, "
+            f"or build the model for your size (timm.create_model(..., img_size=...) or dynamic_img_size=True)"
+        )
+
+
+class PatchedVisionTransformer:
+    """Mixin placed in front of the model's own class; see module docstring."""
+
+    _vitprune: PatchContext
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("a patched model changes the token count per block, so it cannot take attn_mask/is_causal")
+        _check_input(self, x)
+        ctx = self._vitprune
+        x = self.patch_embed(x)
+        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        state = TokenState.initial(x, self.num_prefix_tokens, grid=grid, trace_source=ctx.trace_source)
+        trace = Trace()
+        state = run_blocks(self.blocks, TimmBlockOps, state, ctx.method, trace)
+        ctx.finish(state, trace)
+        return self.norm(state.x)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self._vitprune.final_size
+        if pool_type not in ("avg", "avgmax") or size is None or size.shape[1] != x.shape[1]:
+            return super().pool(x, pool_type)  # type: ignore[misc]
+        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        w = size[:, p:].to(x.dtype)
+        mean = (x[:, p:] * w).sum(dim=1) / w.sum(dim=1)  # each token counts for the patches it stands for
+        if pool_type == "avg":
+            return mean
+        return 0.5 * (x[:, p:].amax(dim=1) + mean)
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "forward_intermediates is not supported on a vitprune-patched model (token counts change per block); "
+            "read model._vitprune.last_trace after a forward, or vitprune.unpatch(model) first"
+        )
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def patched_class(cls: type) -> type:
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = type(f"VitPrune{cls.__name__}", (PatchedVisionTransformer, cls), {})
+    return _CLASS_CACHE[cls]
+
+
+def apply(model: nn.Module, ctx: PatchContext) -> None:
+    model._vitprune = ctx
+    model.__class__ = patched_class(type(model))
+
+
+def restore(model: nn.Module) -> None:
+    model.__class__ = model._vitprune.original_class
+    del model._vitprune

@@ -1,0 +1,71 @@
+"""The one token engine: runs transformer blocks over a TokenState and lets a method reduce it in between.
+
+Backends describe how to run the pieces of their block (``BlockOps``); methods describe how to reduce tokens.
+Neither knows the other, so every method works on every backend.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from torch import Tensor, nn
+
+from .attention import AttentionScores
+from .methods.base import ModelInfo, TokenReducer, Trace
+from .tokens import TokenState
+
+
+class BlockOps(Protocol):
+    """How a backend runs the parts of one pre-norm transformer block."""
+
+    def norm1(self, block: nn.Module, x: Tensor) -> Tensor: ...
+
+    def attention(self, block: nn.Module, h: Tensor, size: Tensor | None) -> tuple[Tensor, AttentionScores]: ...
+
+    def attn_residual(self, block: nn.Module, x: Tensor, y: Tensor) -> Tensor: ...
+
+    def mlp_residual(self, block: nn.Module, x: Tensor) -> Tensor: ...
+
+
+def run_blocks(
+    blocks: Sequence[nn.Module], ops: BlockOps, state: TokenState, method: TokenReducer, trace: Trace
+) -> TokenState:
+    """x → [method.before_attention] → attention (+size bias) → residual → [method.reduce] → MLP → residual."""
+    for layer, block in enumerate(blocks):
+        state = method.before_attention(layer, state, trace)
+        trace.tokens_attn.append(state.num_tokens)
+        size = state.size if method.prop_attn else None
+        y, scores = ops.attention(block, ops.norm1(block, state.x), size)
+        state = state.with_x(ops.attn_residual(block, state.x, y))
+        state = method.reduce(layer, state, scores, trace)
+        trace.tokens_mlp.append(state.num_tokens)
+        state = state.with_x(ops.mlp_residual(block, state.x))
+    return state
+
+
+class PatchContext:
+    """What ``vitprune.patch`` attaches to a model (as ``model._vitprune``): the method and the last forward's trace."""
+
+    def __init__(self, method: TokenReducer, info: ModelInfo, original_class: type, trace_source: bool) -> None:
+        self.method = method
+        self.info = info
+        self.original_class = original_class
+        self.trace_source = trace_source
+        self.last_trace: Trace | None = None
+        self.last_state: TokenState | None = None  # detached sizes/sources/positions, only when tracing
+        self.final_size: Tensor | None = None  # sizes after the last block, for size-weighted pooling
+
+    def finish(self, state: TokenState, trace: Trace) -> None:
+        self.last_trace = trace
+        self.final_size = state.size
+        if self.trace_source:
+            self.last_state = TokenState(
+                x=state.x.detach(),
+                num_prefix=state.num_prefix,
+                size=None if state.size is None else state.size.detach(),
+                source=None if state.source is None else state.source.detach(),
+                index=state.index,
+                grid=state.grid,
+            )
+
+    def __repr__(self) -> str:
+        return f"PatchContext(method={self.method!r})"

@@ -1,0 +1,1 @@
+"""Measurement: MACs from executed ops, speed, accuracy, data loading and reports."""

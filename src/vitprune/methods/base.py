@@ -1,0 +1,94 @@
+"""What every method is: a small config object that says where it acts and how it reduces a TokenState."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from ..attention import AttentionScores
+from ..tokens import TokenState
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts about a model that methods need to validate and plan their schedule (backend-independent)."""
+
+    depth: int
+    dim: int
+    num_heads: int
+    num_prefix: int  # CLS + distillation + register tokens (never reduced)
+    grid: tuple[int, int]  # patch grid (rows, cols) at the model's image size
+    mlp_ratio: float = 4.0
+    has_cls: bool = True  # methods scored by CLS attention need one
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix
+
+
+@dataclass
+class Trace:
+    """Per-forward record: tokens entering each block's attention and MLP, plus whatever methods note."""
+
+    tokens_attn: list[int] = field(default_factory=list)
+    tokens_mlp: list[int] = field(default_factory=list)
+    notes: dict[str, dict[int, Any]] = field(default_factory=dict)
+
+    def note(self, key: str, layer: int, value: Any) -> None:
+        self.notes.setdefault(key, {})[layer] = value
+
+
+class TokenReducer:
+    """Base of all methods. Subclasses are dataclasses registered with ``@register_method``.
+
+    The engine calls, for every block ``layer``: ``before_attention`` (learned selectors act here), then attention,
+    then ``reduce`` between the attention residual and the MLP (ToMe, EViT, PPT, ToGo act here).
+    """
+
+    name: ClassVar[str] = "base"
+    prop_attn: bool = False
+
+    def setup(self, info: ModelInfo) -> None:
+        """Validate the config against the model and precompute the schedule; raise ValueError on bad settings."""
+
+    def before_attention(self, layer: int, state: TokenState, trace: Trace) -> TokenState:
+        return state
+
+    def reduce(self, layer: int, state: TokenState, scores: AttentionScores, trace: Trace) -> TokenState:
+        return state
+
+    def describe(self) -> str:
+        """A short config string for tables, e.g. ``r=13``."""
+        return ""
+
+
+def check_keep(keep: float, what: str = "keep") -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+        raise ValueError(
+            f"{what} must be a fraction of tokens to keep in (0, 1], got {keep!r}; "
+            "use 1.0 to keep all tokens, a smaller value (e.g. 0.7) to prune"
+        )
+    return float(keep)
+
+
+def check_blocks(blocks: Sequence[int], depth: int, method: str) -> tuple[int, ...]:
+    blocks = tuple(int(b) for b in blocks)
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"{method}: blocks {bad} do not exist; this model has blocks 0..{depth - 1}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"{method}: blocks {blocks} repeat a block; list each block once")
+    return tuple(sorted(blocks))
+
+
+def per_block(value: float | Sequence[float], blocks: Sequence[int], what: str) -> tuple[float, ...]:
+    """A scalar or one value per block → one value per block."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return tuple(float(value) for _ in blocks)
+    values = tuple(value)
+    if len(values) != len(blocks):
+        raise ValueError(f"{what} has {len(values)} values for {len(blocks)} blocks {tuple(blocks)}; give one per block")
+    return values

@@ -1,0 +1,114 @@
+"""The token state that flows between blocks, and the primitives every method reduces it with.
+
+A method never edits tensors in place: it returns a new :class:`TokenState` built with :func:`gather_tokens`,
+:func:`merge_tokens` or :func:`append_token`, so sizes, sources and positions stay consistent for free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+# A closure that maps a per-token tensor [B, N, ...] to the reduced layout [B, N', ...]. ``mode`` is how tokens
+# that land on the same output are combined ("sum", "amax", "mean").
+MergeFn = Callable[[Tensor, str], Tensor]
+
+
+@dataclass
+class TokenState:
+    """Tokens between blocks.
+
+    x:      [B, N, C] hidden states; the first ``num_prefix`` tokens (CLS, distillation, registers) are never reduced.
+    size:   [B, N, 1] how many input tokens each token stands for; ``None`` means all ones (nothing reduced yet).
+    source: [B, N, N0] 0/1 map from tokens to the input tokens they hold (only when tracing, for pictures).
+    index:  [B, N] the input position each token came from (its own, or the one it was merged into).
+    grid:   (rows, cols) of the input patch grid, so grid-aware methods can map positions back to 2-D.
+    """
+
+    x: Tensor
+    num_prefix: int
+    size: Tensor | None = None
+    source: Tensor | None = None
+    index: Tensor | None = None
+    grid: tuple[int, int] | None = None
+
+    @classmethod
+    def initial(
+        cls, x: Tensor, num_prefix: int, grid: tuple[int, int] | None = None, trace_source: bool = False
+    ) -> "TokenState":
+        b, n, _ = x.shape
+        index = torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
+        source = None
+        if trace_source:
+            source = torch.eye(n, device=x.device, dtype=x.dtype).unsqueeze(0).expand(b, n, n)
+        return cls(x=x, num_prefix=num_prefix, index=index, source=source, grid=grid)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens that reduction may touch (everything after the prefix)."""
+        return self.x.shape[1] - self.num_prefix
+
+    def sizes(self) -> Tensor:
+        """``size`` materialised: [B, N, 1] ones when nothing was reduced yet."""
+        if self.size is not None:
+            return self.size
+        return self.x.new_ones(self.x.shape[0], self.x.shape[1], 1)
+
+    def with_x(self, x: Tensor) -> "TokenState":
+        return replace(self, x=x)
+
+
+def gather_tokens(state: TokenState, idx: Tensor) -> TokenState:
+    """Keep the tokens at ``idx`` ([B, K] positions into the current tokens, prefix included), in that order."""
+    def take(t: Tensor) -> Tensor:
+        return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+
+    return replace(
+        state,
+        x=take(state.x),
+        size=None if state.size is None else take(state.size),
+        source=None if state.source is None else take(state.source),
+        index=None if state.index is None else state.index.gather(1, idx),
+    )
+
+
+def merge_tokens(state: TokenState, merge: MergeFn, layout: MergeFn) -> TokenState:
+    """Apply a merge closure with size-weighted averaging (ToMe's ``merge_wavg``).
+
+    ``merge`` combines tokens; ``layout`` moves per-token attributes without combining them (each output keeps
+    the value of its destination token), which is what positions need.
+    """
+    size = state.sizes()
+    x = merge(state.x * size, "sum")
+    new_size = merge(size, "sum")
+    return replace(
+        state,
+        x=x / new_size,
+        size=new_size,
+        source=None if state.source is None else merge(state.source, "amax"),
+        index=None if state.index is None else layout(state.index.unsqueeze(-1), "keep").squeeze(-1),
+    )
+
+
+def append_token(state: TokenState, x: Tensor, size: Tensor, source: Tensor | None, index: Tensor) -> TokenState:
+    """Append one token per image (a fused / package token): x [B, C], size [B], source [B, N0], index [B]."""
+    return replace(
+        state,
+        x=torch.cat([state.x, x.unsqueeze(1)], dim=1),
+        size=torch.cat([state.sizes(), size.view(-1, 1, 1).to(state.x.dtype)], dim=1),
+        source=None if state.source is None else torch.cat([state.source, source.unsqueeze(1)], dim=1),
+        index=None if state.index is None else torch.cat([state.index, index.view(-1, 1)], dim=1),
+    )
+
+
+def with_prefix(idx: Tensor, num_prefix: int) -> Tensor:
+    """Turn [B, K] indices into the patch tokens into [B, P + K] indices into all tokens (prefix first)."""
+    b = idx.shape[0]
+    prefix = torch.arange(num_prefix, device=idx.device).unsqueeze(0).expand(b, num_prefix)
+    return torch.cat([prefix, idx + num_prefix], dim=1)
