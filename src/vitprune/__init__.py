@@ -6,7 +6,7 @@
     vitprune.unpatch(model)                   # exactly the original again
 """
 from .methods.base import ModelInfo, TokenReducer, Trace
-from .patching import is_patched, patch, unpatch
+from .patching import is_patched, last_trace, patch, unpatch
 from .registry import available_methods, create_method, register_method
 from .tokens import TokenState
 
@@ -26,9 +26,3 @@ __all__ = [
     "last_trace",
 ]
 
-
-def last_trace(model):
-    """Tokens per block (and method notes) recorded by the last forward of a patched model."""
-    if not is_patched(model):
-        raise ValueError("model is not patched by vitprune")
-    return model._vitprune.last_trace

@@ -69,3 +69,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError("model is not patched by vitprune; nothing to unpatch")
     _backend(model).restore(model)
     return model
+
+
+def last_trace(model: nn.Module):
+    """Tokens per block (and method notes) recorded by the last forward of a patched model."""
+    if not is_patched(model):
+        raise ValueError("model is not patched by vitprune")
+    return model._vitprune.last_trace

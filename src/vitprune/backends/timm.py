@@ -13,11 +13,13 @@ from torch import Tensor, nn
 
 from ..attention import AttentionScores, attend
 from ..engine import PatchContext, run_blocks
+from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
 
 try:  # timm is a hard dependency, but keep the import error readable
     from timm.layers.attention import Attention as TimmAttention
+    from timm.layers.mlp import Mlp as TimmMlp
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
 except ImportError as e:  # pragma: no cover
@@ -37,7 +39,8 @@ class TimmBlockOps:
     def attention(block: nn.Module, h: Tensor, size: Tensor | None) -> tuple[Tensor, AttentionScores]:
         attn = block.attn
         b, n, _ = h.shape
-        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear_into(h, attn.qkv, "qkv") if fast_path_enabled(attn) else attn.qkv(h)
+        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         dropout = attn.attn_drop.p if attn.training else 0.0
@@ -53,7 +56,20 @@ class TimmBlockOps:
 
     @staticmethod
     def mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        mlp = block.mlp
+        if fast_path_enabled(block) and _plain_gelu_mlp(mlp):
+            return x.add_(block.ls2(gelu_mlp_inplace(mlp.fc1, mlp.act, mlp.fc2, block.norm2(x))))
+        return x + block.drop_path2(block.ls2(mlp(block.norm2(x))))
+
+
+def _plain_gelu_mlp(mlp: nn.Module) -> bool:
+    """fc1 → GELU → fc2 with nothing in between (timm's default ViT MLP), so the fused path is exact."""
+    return (
+        type(mlp) is TimmMlp
+        and type(mlp.act) is nn.GELU
+        and isinstance(mlp.norm, nn.Identity)
+        and isinstance(mlp.fc1, nn.Linear)
+    )
 
 
 def is_timm_vit(model: nn.Module) -> bool:

@@ -146,7 +146,7 @@ def print_table(rows: list[BenchRow], *, title: str | None = None, console: "Con
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 160)  # logs and CI get full tables
     table = Table(title=title, header_style="bold")
     table.add_column("model", overflow="fold")
     table.add_column("method")

@@ -1,0 +1,155 @@
+"""``vitprune bench``: GMACs, throughput, top-1 and tokens per block for a model under several methods, in one run.
+
+Speedups are against the unpatched model measured in the same run: all configurations are timed round-robin
+(unpatched, method 1, method 2, …, repeated), so drift of a shared machine hits every row alike.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import patching
+from .measure.accuracy import evaluate
+from .measure.flops import count_macs
+from .measure.report import BenchRow
+from .measure.speed import interleaved_throughput
+from .specs import format_method_spec, parse_method_spec
+
+# Three reduction levels per method, scaled to the model's token count (≈ −25/−40/−50% MACs on DeiT-S and on
+# the Fashion-MNIST testbed). ToMe: r as a fraction of patch tokens (196 → 8, 13, 16).
+TOME_FRACTIONS = (0.04, 0.066, 0.08)
+EVIT_KEEPS = (0.8, 0.7, 0.5)
+
+
+def default_specs(num_patches: int) -> list[str]:
+    specs = [f"tome:r={max(1, round(num_patches * f))}" for f in TOME_FRACTIONS]
+    specs += [f"evit:keep={k}" for k in EVIT_KEEPS]
+    return specs
+
+
+@dataclass
+class BenchSettings:
+    batch_size: int = 32
+    threads: int = 2
+    rounds: int = 5
+    measure_speed: bool = True
+    eval_batch_size: int = 256
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _tokens_entering_blocks(model: nn.Module) -> list[float]:
+    trace = patching.last_trace(model)
+    return [float(n) for n in trace.tokens_attn] if trace is not None else []
+
+
+def run_bench(
+    model: nn.Module,
+    model_name: str,
+    specs: list[str],
+    data: Any | None,
+    settings: BenchSettings,
+    example: torch.Tensor,
+    on_step: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Measure the unpatched model and every spec. ``example`` is one batch of inputs used for MACs and speed.
+
+    The same model object is patched and unpatched for each spec, so no weights are copied.
+    """
+    step = on_step or (lambda _msg: None)
+    model = model.to(device=settings.device, dtype=settings.dtype).eval()
+    example = example.to(device=settings.device, dtype=settings.dtype)
+    configs = [("none", {})] + [parse_method_spec(s) for s in specs]
+    for name, config in configs[1:]:  # fail early on a bad spec, before any long measurement
+        patching.patch(model, name, **config)
+        patching.unpatch(model)
+
+    rows: list[BenchRow] = []
+    for name, config in configs:
+        label = format_method_spec(name, config)
+        _configure(model, name, config)
+        step(f"{label}: MACs")
+        macs = count_macs(model, example[:1])
+        patched = patching.is_patched(model)
+        tokens = _tokens_entering_blocks(model) if patched else [float(_token_count(model))] * _depth(model)
+        describe = model._vitprune.method.describe() if patched else "unpatched"
+        top1 = None
+        if data is not None:
+            step(f"{label}: accuracy")
+            top1 = evaluate(model, data, batch_size=settings.eval_batch_size, progress=False).top1
+        rows.append(BenchRow(model=model_name, method=name, config=describe or label, gmacs=macs.gmacs,
+                             macs_ratio=1.0, top1=top1, tokens_per_layer=tokens, extra={"spec": label}))
+    _configure(model, "none", {})
+
+    if settings.measure_speed:
+        step("speed (all configurations, interleaved)")
+        setups = [lambda n=name, c=config: _configure(model, n, c) for name, config in configs]
+        speeds = interleaved_throughput(model, _speed_batch(example, settings.batch_size), setups,
+                                        threads=settings.threads, rounds=settings.rounds)
+        _configure(model, "none", {})
+        for row, sp in zip(rows, speeds):
+            row.img_per_s = sp.img_per_s
+            row.extra["latency_ms"] = sp.latency_ms_median
+            row.extra["latency_iqr_ms"] = sp.latency_ms_iqr
+    base = rows[0]
+    for row in rows:
+        row.macs_ratio = base.gmacs / row.gmacs
+        if base.img_per_s and row.img_per_s:
+            row.speedup = row.img_per_s / base.img_per_s
+        if base.top1 is not None and row.top1 is not None:
+            row.top1_delta = row.top1 - base.top1
+    meta = {
+        "model": model_name,
+        "batch_size": settings.batch_size if settings.measure_speed else None,
+        "threads": settings.threads,
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "device": settings.device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "macs": "multiply-accumulates per image from executed ops (torch.utils.flop_counter FLOPs / 2)",
+        "speed": f"torch.utils.benchmark, median of {settings.rounds} interleaved rounds per configuration",
+    }
+    return BenchResult(rows=rows, meta=meta)
+
+
+def _configure(model: nn.Module, name: str, config: dict[str, Any]) -> None:
+    """Put the one model object into a configuration: unpatched ("none") or patched with a method."""
+    if name == "none":
+        if patching.is_patched(model):
+            patching.unpatch(model)
+    else:
+        patching.patch(model, name, **config)
+
+
+def _speed_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``batch_size`` inputs, repeating the example images when there are fewer."""
+    reps = -(-batch_size // example.shape[0])
+    return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch_size]
+
+
+def _token_count(model: nn.Module) -> int:
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def _depth(model: nn.Module) -> int:
+    return len(model.blocks)
+
+
+def save_outputs(result: BenchResult, out_dir: Path) -> list[Path]:
+    from .measure.report import pareto_plot, write_csv, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_csv(result.rows, out_dir / "bench.csv"), write_json(result.rows, out_dir / "bench.json", result.meta)]
+    written += pareto_plot(result.rows, out_dir / "pareto.png", title=f"{result.meta.get('model')} — vitprune bench")
+    return written

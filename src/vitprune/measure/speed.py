@@ -1,0 +1,135 @@
+"""Throughput with ``torch.utils.benchmark`` (warm-up, fixed thread count, median of timed blocks).
+
+MACs do not predict speed for token reduction (gathers, sorts and small matmuls cost time the MAC
+count ignores), so speed is measured, never derived. The batch's device decides where it runs;
+on CUDA the Timer synchronises the device around each timed block.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+
+@dataclass
+class SpeedResult:
+    """One throughput measurement of ``model(batch)``."""
+
+    batch_size: int
+    threads: int
+    dtype: str  # e.g. "float32"
+    device: str  # e.g. "cpu", "cuda:0"
+    img_per_s: float  # batch_size / median latency
+    latency_ms_median: float  # per forward of the whole batch
+    latency_ms_iqr: float
+    runs: int  # forward calls timed in total (blocks x calls per block)
+
+
+def measure_throughput(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    *,
+    threads: int = 2,
+    min_run_time: float = 2.0,
+    warmup: int = 3,
+) -> SpeedResult:
+    """Time ``model(example_batch)`` under ``torch.inference_mode()`` with ``threads`` CPU threads.
+
+    ``warmup`` untimed calls run first (allocator, kernel selection, lazy init). The global torch
+    thread count is restored afterwards.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if example_batch.ndim < 1 or example_batch.shape[0] == 0:
+        raise ValueError("example_batch must be a non-empty batch")
+    prior_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(example_batch)
+            if example_batch.is_cuda:
+                torch.cuda.synchronize(example_batch.device)
+            timer = benchmark.Timer(
+                stmt="model(x)",
+                globals={"model": model, "x": example_batch},
+                num_threads=threads,
+                label="vitprune throughput",
+            )
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+    finally:
+        torch.set_num_threads(prior_threads)
+    median = m.median
+    if not (median > 0 and math.isfinite(median)):
+        raise RuntimeError(f"timer returned a non-positive median ({median}); increase min_run_time")
+    bs = int(example_batch.shape[0])
+    return SpeedResult(
+        batch_size=bs,
+        threads=threads,
+        dtype=str(example_batch.dtype).removeprefix("torch."),
+        device=str(example_batch.device),
+        img_per_s=bs / median,
+        latency_ms_median=median * 1e3,
+        latency_ms_iqr=m.iqr * 1e3,
+        runs=len(m.raw_times) * m.number_per_run,
+    )
+
+
+def interleaved_throughput(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    setups: list[Callable[[], None]],
+    *,
+    threads: int = 2,
+    rounds: int = 5,
+    min_round_time: float = 0.5,
+    warmup: int = 2,
+) -> list[SpeedResult]:
+    """Throughput of several configurations of one model, measured round-robin.
+
+    ``setups[i]()`` puts the model into configuration i (e.g. patch or unpatch). Each round times every
+    configuration once, so slow drift of a shared machine hits all of them alike; the result per
+    configuration is the median over rounds. Use this for speedups; ``measure_throughput`` for one model.
+    """
+    if rounds < 1 or threads < 1:
+        raise ValueError(f"rounds and threads must be >= 1, got rounds={rounds}, threads={threads}")
+    if example_batch.ndim < 1 or example_batch.shape[0] == 0:
+        raise ValueError("example_batch must be a non-empty batch")
+    prior_threads = torch.get_num_threads()
+    times: list[list[float]] = [[] for _ in setups]
+    numbers: list[int] = []
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for setup in setups:  # warm up each configuration and size its timed block
+                setup()
+                for _ in range(warmup):
+                    model(example_batch)
+                once = benchmark.Timer("model(x)", globals={"model": model, "x": example_batch},
+                                       num_threads=threads).timeit(1).median
+                numbers.append(max(1, math.ceil(min_round_time / max(once, 1e-6))))
+            for _ in range(rounds):
+                for i, setup in enumerate(setups):
+                    setup()
+                    timer = benchmark.Timer("model(x)", globals={"model": model, "x": example_batch},
+                                            num_threads=threads, label="vitprune throughput")
+                    times[i].append(timer.timeit(numbers[i]).median)
+    finally:
+        torch.set_num_threads(prior_threads)
+    bs = int(example_batch.shape[0])
+    results = []
+    for t, number in zip(times, numbers):
+        t_sorted = sorted(t)
+        median = statistics.median(t_sorted)
+        q = statistics.quantiles(t_sorted, n=4) if len(t_sorted) > 1 else [median, median, median]
+        results.append(SpeedResult(
+            batch_size=bs, threads=threads, dtype=str(example_batch.dtype).removeprefix("torch."),
+            device=str(example_batch.device), img_per_s=bs / median, latency_ms_median=median * 1e3,
+            latency_ms_iqr=(q[2] - q[0]) * 1e3, runs=rounds * number,
+        ))
+    return results

@@ -1,0 +1,41 @@
+"""Method specs as text, for the CLI and result files: ``"tome:r=13"``, ``"evit:keep=0.7,blocks=(3,6,9)"``."""
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any
+
+_OPTION_SPLIT = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")  # commas that start a new key=value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` → (name, config). Values are Python literals (ints, floats, tuples, lists,
+    strings, booleans); a bare word is taken as a string. ``"none"`` is the unpatched model."""
+    name, _, options = spec.strip().partition(":")
+    name = name.strip().lower()
+    if not name:
+        raise ValueError(f"empty method spec {spec!r}; write e.g. 'tome:r=13'")
+    config: dict[str, Any] = {}
+    for item in _OPTION_SPLIT.split(options) if options.strip() else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"cannot read option {item!r} in {spec!r}; write key=value, e.g. 'evit:keep=0.7,blocks=(3,6,9)'")
+        config[key.strip()] = _literal(value.strip())
+    return name, config
+
+
+def format_method_spec(name: str, config: dict[str, Any]) -> str:
+    if not config:
+        return name
+    return name + ":" + ",".join(f"{k}={_compact(v)}" for k, v in config.items())
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _compact(value: Any) -> str:
+    return repr(value).replace(" ", "")
