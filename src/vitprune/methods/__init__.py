@@ -1,6 +1,14 @@
-"""Built-in token-reduction methods; importing this package registers them."""
-from .base import ModelInfo, TokenReducer
-from .evit import EViT
-from .tome import ToMe
+"""Built-in token-reduction methods: one module per method, each registering itself on import.
 
-__all__ = ["ModelInfo", "TokenReducer", "ToMe", "EViT"]
+Every module in this package is imported here, so adding a method is adding a file.
+"""
+import importlib
+import pkgutil
+
+from .base import ModelInfo, TokenReducer
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["ModelInfo", "TokenReducer"]
