@@ -14,3 +14,14 @@ def make_vit(name: str = "deit_tiny_patch16_224", **kwargs):
     import timm
 
     return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@pytest.fixture
+def testbed_assets():
+    """Skip (with the reason) when the shared assets are not beside the checkout."""
+    from vitprune.assets import assets_dir
+
+    try:
+        assets_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -190,6 +190,20 @@ def test_train_mode_gradients_flow_and_bf16_runs():
     assert F.cosine_similarity(out.float(), ref, dim=-1).min() > 0.98
 
 
+def test_inference_fast_path_matches_autograd_path():
+    """The no-grad fast path (workspace, in-place GELU/residual) gives the same numbers as the module path."""
+    model = make_vit("deit_tiny_patch16_224")
+    vitprune.patch(model, "tome", r=8)
+    x = images(model, 2)
+    with torch.inference_mode():
+        fast_inference = model(x)
+    with torch.no_grad():
+        fast_no_grad = model(x)
+    reference = model(x)  # grad enabled: module path
+    assert torch.equal(fast_inference, fast_no_grad)
+    assert (fast_no_grad - reference.detach()).abs().max().item() < 1e-5
+
+
 def test_dynamic_image_size():
     model = make_vit("deit_tiny_patch16_224", dynamic_img_size=True)
     vitprune.patch(model, "tome", r=4)

@@ -27,7 +27,8 @@ def workspace(key: str, rows: int, cols: int, like: Tensor) -> Tensor:
     buf = buffers.get(key)
     n = rows * cols
     if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-        buf = buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor, writable under no_grad and inference_mode alike
+            buf = buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
     return buf[:n].view(rows, cols)
 
 
