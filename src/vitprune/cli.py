@@ -94,6 +94,53 @@ def bench(
         console.print(f"wrote {p}")
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@app.command()
+def viz(
+    image: list[Path] = typer.Option(..., "--image", "-i", help="Image file or folder of images (repeatable)."),
+    model: str = typer.Option("dinov2_vits14", help="'dinov2_vits14' (shared weights), 'testbed', or a timm name."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local weights, loaded strictly."),
+    method: Optional[list[str]] = typer.Option(
+        None, "--method", "-m", help="Method spec, repeatable. Default: tome:r=16 and evit:keep=0.5."),
+    max_images: int = typer.Option(8, help="At most this many images from folders."),
+    out: Path = typer.Option(Path("results/viz"), help="Output folder for the PNGs."),
+) -> None:
+    """Token pictures: one panel per reducing block showing kept, merged, packed and dropped patches."""
+    from PIL import Image
+
+    from . import patching
+    from .measure.data import image_transform_for
+    from .measure.pictures import token_figure
+    from .models import create_model
+    from .specs import parse_method_spec
+
+    files: list[Path] = []
+    for item in image:
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
+        elif item.exists():
+            files.append(item)
+        else:
+            raise typer.BadParameter(f"{item} does not exist; give an image file or a folder of images")
+    if not files:
+        raise typer.BadParameter("no images found; give --image with a .jpg/.png file or a folder holding some")
+    net = create_model(model, checkpoint=checkpoint)
+    transform = image_transform_for(net)
+    mode = "L" if net.patch_embed.proj.in_channels == 1 else "RGB"
+    specs = list(method) if method else ["tome:r=16", "evit:keep=0.5"]
+    for spec in specs:
+        name, config = parse_method_spec(spec)
+        patching.patch(net, name, trace_source=True, **config)
+        for f in files:
+            x = transform(Image.open(f).convert(mode))
+            tag = "".join(ch if ch.isalnum() or ch in "=._-" else "_" for ch in spec)
+            path = token_figure(net, x, f"{f.name} · {spec}", out / f"{f.stem}_{tag}.png")
+            console.print(f"wrote {path}")
+    patching.unpatch(net)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -10,7 +10,7 @@ from typing import Protocol, Sequence
 from torch import Tensor, nn
 
 from .attention import AttentionScores
-from .methods.base import ModelInfo, TokenReducer, Trace
+from .methods.base import ModelInfo, Snapshot, TokenReducer, Trace
 from .tokens import TokenState
 
 
@@ -36,7 +36,10 @@ def run_blocks(
         size = state.size if method.prop_attn else None
         y, scores = ops.attention(block, ops.norm1(block, state.x), size)
         state = state.with_x(ops.attn_residual(block, state.x, y))
-        state = method.reduce(layer, state, scores, trace)
+        reduced = method.reduce(layer, state, scores, trace)
+        if reduced is not state and reduced.source is not None:
+            trace.snapshots.append(Snapshot(layer, reduced.source.detach(), reduced.sizes().detach(), reduced.index))
+        state = reduced
         trace.tokens_mlp.append(state.num_tokens)
         state = state.with_x(ops.mlp_residual(block, state.x))
     return state

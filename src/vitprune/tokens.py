@@ -11,6 +11,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+# ``index`` of a package token (a fused token that holds pruned patches, EViT/HeatViT/SPViT style): it stands at no
+# grid position, so grid-aware methods and pictures can tell it from patch tokens.
+PACKAGE_INDEX = -1
+
 # A closure that maps a per-token tensor [B, N, ...] to the reduced layout [B, N', ...]. ``mode`` is how tokens
 # that land on the same output are combined ("sum", "amax", "mean").
 MergeFn = Callable[[Tensor, str], Tensor]
@@ -23,7 +27,8 @@ class TokenState:
     x:      [B, N, C] hidden states; the first ``num_prefix`` tokens (CLS, distillation, registers) are never reduced.
     size:   [B, N, 1] how many input tokens each token stands for; ``None`` means all ones (nothing reduced yet).
     source: [B, N, N0] 0/1 map from tokens to the input tokens they hold (only when tracing, for pictures).
-    index:  [B, N] the input position each token came from (its own, or the one it was merged into).
+    index:  [B, N] the input position each token came from (its own, or the one it was merged into);
+            ``PACKAGE_INDEX`` for package tokens.
     grid:   (rows, cols) of the input patch grid, so grid-aware methods can map positions back to 2-D.
     """
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+from torch import Tensor
+
 from ..attention import AttentionScores
 from ..tokens import TokenState
 
@@ -30,12 +32,23 @@ class ModelInfo:
 
 
 @dataclass
+class Snapshot:
+    """Where the tokens stood after a block that reduced them (recorded only with ``trace_source=True``)."""
+
+    layer: int
+    source: Tensor  # [B, N, N0]
+    size: Tensor  # [B, N, 1]
+    index: Tensor  # [B, N]
+
+
+@dataclass
 class Trace:
     """Per-forward record: tokens entering each block's attention and MLP, plus whatever methods note."""
 
     tokens_attn: list[int] = field(default_factory=list)
     tokens_mlp: list[int] = field(default_factory=list)
     notes: dict[str, dict[int, Any]] = field(default_factory=dict)
+    snapshots: list[Snapshot] = field(default_factory=list)
 
     def note(self, key: str, layer: int, value: Any) -> None:
         self.notes.setdefault(key, {})[layer] = value

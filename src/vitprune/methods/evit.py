@@ -15,7 +15,7 @@ import torch
 
 from ..attention import AttentionScores
 from ..registry import register_method
-from ..tokens import TokenState, append_token, gather_tokens, with_prefix
+from ..tokens import PACKAGE_INDEX, TokenState, append_token, gather_tokens, with_prefix
 from .base import ModelInfo, TokenReducer, Trace, check_blocks, check_keep, per_block
 
 
@@ -43,9 +43,7 @@ def topk_and_fuse(state: TokenState, importance: torch.Tensor, k: int, fuse: boo
     fused_source = None
     if state.source is not None:
         fused_source = state.source.gather(1, rest.unsqueeze(-1).expand(-1, -1, state.source.shape[-1])).amax(1)
-    fused_index = rest[:, 0]  # stands at the position of its most important member
-    if state.index is not None:
-        fused_index = state.index.gather(1, rest[:, :1]).squeeze(1)
+    fused_index = torch.full_like(rest[:, 0], PACKAGE_INDEX)
     return append_token(kept, fused_x, fused_size, fused_source, fused_index)
 
 
