@@ -1,0 +1,212 @@
+"""PPT — Token Pruning and Pooling (Wu et al., 2024; official code xjwu1024/PPT, ``ppt_deit.py``).
+
+At the chosen blocks (default 3, 6, 9), between the attention residual and the MLP, every image either
+**prunes** or **pools** ``r`` tokens, decided per image from the spread of its token importance:
+
+* importance of patch token j: ``s_j = (Σ_h A_h[cls, j]) · ‖v_j‖₂`` with ``A_h`` the post-softmax attention of
+  head h (size bias ``log(size)`` included when ``prop_attn``), ``v_j`` the value vector of token j over all heads
+  concatenated; taken over the patch tokens only (everything after the prefix) and normalised to sum 1;
+* ``policy="adaptive"`` (the reference, default): **pool** if ``Var(s) < threshold``, else **prune**. ``Var`` is
+  the unbiased sample variance (``torch.var``'s default, as the reference uses);
+* pool = ToMe's bipartite soft matching on the head-averaged keys, size-weighted average
+  (:func:`vitprune.methods.tome.bipartite_soft_matching`);
+* prune = keep the ``n − r`` patch tokens of highest score, in descending score order (later ToMe A/B splits
+  depend on that order), prefix first; the pruned tokens are dropped (not fused) and kept tokens keep their sizes;
+* ``r = min(r, (N − 1) // 2)`` with N the tokens including CLS (the reference's clamp, so both branches leave the
+  same count). With more than one prefix token (distilled DeiT, registers) the clamp is the pool branch's limit,
+  ``min(r, (N − P) // 2, (N + 1) // 2 − ceil(P / 2))``, which is ``(N − 1) // 2`` for P = 1.
+* attention is proportional (``logits + log(size)``) in every block (``prop_attn=True``).
+
+Deliberate differences from the reference: the prefix (CLS, distillation, register tokens) is never scored or
+pruned (the reference scores everything after CLS, so it can prune a distillation token); and a mixed batch is not
+split into two sub-batches: both branches run on the whole batch and each image takes its own with one
+``torch.where`` (the branch nobody takes is skipped). Each image's result is the per-image definition.
+
+Token-count-invariant policy (``policy="adaptive_invariant"``). Scores sum to 1, so for the same *shape* of
+importance distribution ``Var(s) ≈ CV² / n²`` (n patch tokens): the fixed reference threshold, tuned for n = 196,
+becomes a harsher test as n falls and PPT ends up pruning every image at small n. The invariant rule thresholds the
+scale-free ``Var(n·s) = n²·Var(s)`` (the squared coefficient of variation of the scores) against
+``threshold · ref_tokens²``::
+
+    pool  ⇔  Var(n · s) < threshold · ref_tokens²   ⇔   Var(s) · (n / ref_tokens)² < threshold
+
+computed in the last form, so at ``n = ref_tokens`` (default 196) the decisions are bit-for-bit those of
+``"adaptive"``. ``policy="prune"`` / ``"pool"`` force one branch for every image (ablations).
+
+Trace notes (per forward, only at blocks that reduced, i.e. clamped r > 0):
+
+* ``trace.notes["ppt_policy"][layer]``: BoolTensor [B] on the model's device, ``True`` where the image was
+  **pooled** (merged), ``False`` where it was **pruned**. :func:`pooled_fraction` summarises it.
+* ``trace.notes["ppt_var"][layer]``: FloatTensor [B], the statistic compared with ``threshold`` (``Var(s)`` for
+  ``"adaptive"``, ``Var(s)·(n/ref_tokens)²`` for ``"adaptive_invariant"``); adaptive policies only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attention import AttentionScores
+from ..registry import register_method
+from ..tokens import TokenState, gather_tokens, merge_tokens, with_prefix
+from .base import ModelInfo, TokenReducer, Trace, check_blocks
+from .tome import bipartite_soft_matching
+
+POLICIES = ("adaptive", "adaptive_invariant", "prune", "pool")
+
+
+def clamp_r(r: int, num_tokens: int, num_prefix: int) -> int:
+    """Tokens PPT removes from ``num_tokens`` (prefix included): the reference's ``min(r, (N − 1) // 2)``,
+    generalised to several prefix tokens as the most the pool branch can merge (identical for one prefix token)."""
+    pa = (num_prefix + 1) // 2  # prefix tokens that fall in ToMe's set A
+    return max(0, min(r, (num_tokens - num_prefix) // 2, (num_tokens + 1) // 2 - pa))
+
+
+def importance(scores: AttentionScores, num_prefix: int) -> Tensor:
+    """[B, n] float32 PPT score of the patch tokens: (Σ_h CLS attention)·‖v‖₂, normalised to sum 1 per image."""
+    s = scores.cls_attn.float().sum(dim=1) * scores.value_norms.float()
+    s = s[:, num_prefix:]
+    return s / s.sum(dim=1, keepdim=True)
+
+
+def policy_statistic(score: Tensor, invariant: bool = False, ref_tokens: int = 196) -> Tensor:
+    """[B] the value PPT compares with its threshold: ``Var(s)`` (unbiased), or ``Var(s)·(n/ref_tokens)²``
+    (= ``Var(n·s) / ref_tokens²``) for the token-count-invariant policy."""
+    var = score.var(dim=1)
+    if invariant:
+        n = score.shape[1]
+        if n != ref_tokens:  # keep n == ref_tokens bit-identical to the reference rule
+            var = var * (n / ref_tokens) ** 2
+    return var
+
+
+def prune_indices(score: Tensor, keep: int, num_prefix: int) -> Tensor:
+    """[B, P + keep] positions to keep: the prefix, then the ``keep`` best patch tokens in descending score."""
+    order = score.topk(keep, dim=1, largest=True, sorted=True).indices
+    return with_prefix(order, num_prefix)
+
+
+def _select(pooled: Tensor, pool: TokenState, prune: TokenState) -> TokenState:
+    """Per image: the pooled state where ``pooled`` [B] is True, else the pruned one (same token count)."""
+    m = pooled.view(-1, 1, 1)
+    return TokenState(
+        x=torch.where(m, pool.x, prune.x),
+        num_prefix=pool.num_prefix,
+        size=torch.where(m, pool.sizes(), prune.sizes()),
+        source=None if pool.source is None else torch.where(m, pool.source, prune.source),
+        index=None if pool.index is None else torch.where(pooled.view(-1, 1), pool.index, prune.index),
+        grid=pool.grid,
+    )
+
+
+def pooled_fraction(trace: Trace) -> dict[int, float]:
+    """Fraction of images that pooled at each reducing block of the last forward (empty if PPT did not run)."""
+    notes = trace.notes.get("ppt_policy", {})
+    return {layer: float(v.float().mean()) for layer, v in sorted(notes.items())}
+
+
+def _check_r(r: Any, blocks_given: Sequence[int]) -> dict[int, int]:
+    def one(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"ppt: r must be an int >= 0 (tokens removed per block), got {v!r}")
+        return int(v)
+
+    if isinstance(r, (list, tuple)):
+        values = [one(v) for v in r]
+        if len(values) != len(blocks_given):
+            raise ValueError(
+                f"ppt: r has {len(values)} values for {len(blocks_given)} blocks {tuple(blocks_given)}; "
+                "give one per block"
+            )
+    else:
+        values = [one(r)] * len(blocks_given)
+    return {int(b): v for b, v in zip(blocks_given, values)}
+
+
+@register_method("ppt")
+@dataclass
+class PPT(TokenReducer):
+    """``vitprune.patch(model, "ppt", r=50, blocks=(3, 6, 9), threshold=7e-5, policy="adaptive")``.
+
+    r: tokens removed at each block (int, or one int per block in ``blocks`` order); ``r=0`` is the identity.
+    threshold: τ of the pool/prune decision (≥ 0; ``inf`` pools everything, 0 prunes everything).
+    policy: ``"adaptive"`` (reference), ``"adaptive_invariant"`` (token-count invariant, see the module
+    docstring), ``"prune"`` or ``"pool"``. ref_tokens: patch count at which the invariant rule equals the reference.
+    """
+
+    r: int | Sequence[int] = 50
+    blocks: Sequence[int] = (3, 6, 9)
+    threshold: float = 7e-5
+    policy: str = "adaptive"
+    ref_tokens: int = 196
+    prop_attn: bool = True
+
+    def setup(self, info: ModelInfo) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"ppt: unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+            raise ValueError(f"ppt: threshold must be a number >= 0 (reference: 7e-5), got {t!r}")
+        rt = self.ref_tokens
+        if isinstance(rt, bool) or not isinstance(rt, int) or rt <= 0:
+            raise ValueError(
+                f"ppt: ref_tokens must be a positive int (patch tokens the threshold was tuned for), got {rt!r}"
+            )
+        given = tuple(int(b) for b in self.blocks)
+        check_blocks(given, info.depth, "ppt")
+        r_at = _check_r(self.r, given)
+        if self.policy != "pool" and not info.has_cls and any(r_at.values()):
+            raise ValueError(
+                "ppt: the prune/adaptive policies score tokens by CLS attention and this model has no CLS token; "
+                "use policy='pool' (or method 'tome')"
+            )
+        self._r_at = r_at
+
+    def reduce(self, layer: int, state: TokenState, scores: AttentionScores, trace: Trace) -> TokenState:
+        r = self._r_at.get(layer, 0)
+        if r <= 0:
+            return state
+        p = state.num_prefix
+        r = clamp_r(r, state.num_tokens, p)
+        if r <= 0:
+            return state
+        b = state.x.shape[0]
+
+        if self.policy == "pool":
+            pooled = torch.ones(b, dtype=torch.bool, device=state.x.device)
+            n_pool = b
+        else:
+            score = importance(scores, p)
+            if self.policy == "prune":
+                pooled = torch.zeros(b, dtype=torch.bool, device=state.x.device)
+                n_pool = 0
+            else:
+                stat = policy_statistic(score, self.policy == "adaptive_invariant", self.ref_tokens)
+                pooled = stat < self.threshold
+                trace.note("ppt_var", layer, stat)
+                n_pool = int(pooled.sum())
+        trace.note("ppt_policy", layer, pooled)
+
+        pool_state = prune_state = None
+        if n_pool > 0:
+            merge, layout = bipartite_soft_matching(scores.mean_keys, r, p)
+            pool_state = merge_tokens(state, merge, layout)
+        if n_pool < b:
+            prune_state = gather_tokens(state, prune_indices(score, state.num_patches - r, p))
+        if prune_state is None:
+            return pool_state
+        if pool_state is None:
+            return prune_state
+        return _select(pooled, pool_state, prune_state)
+
+    def describe(self) -> str:
+        blocks = ",".join(str(b) for b in self.blocks)
+        text = f"r={self.r}@{blocks}"
+        if self.policy == "adaptive":
+            return f"{text} τ={self.threshold:g}"
+        if self.policy == "adaptive_invariant":
+            return f"{text} τ={self.threshold:g} invariant@{self.ref_tokens}"
+        return f"{text} {self.policy}"
