@@ -20,15 +20,25 @@ from .measure.report import BenchRow
 from .measure.speed import interleaved_throughput
 from .specs import format_method_spec, parse_method_spec
 
-# Three reduction levels per method, scaled to the model's token count (≈ −25/−40/−50% MACs on DeiT-S and on
-# the Fashion-MNIST testbed). ToMe: r as a fraction of patch tokens (196 → 8, 13, 16).
+# Three reduction levels per method, scaled to the model's token count (≈ −25/−35/−45% MACs on DeiT-S and on
+# the Fashion-MNIST testbed). ToMe: r as a fraction of patch tokens (196 → 8, 13, 16); PPT: r at blocks 3, 6, 9
+# (196 → 35, 50, 61; 50 is the paper's default); EViT/ToGo: keep ratios at blocks 3, 6, 9 (0.69: ToGo's regime).
 TOME_FRACTIONS = (0.04, 0.066, 0.08)
 EVIT_KEEPS = (0.8, 0.7, 0.5)
+PPT_FRACTIONS = (0.18, 0.255, 0.31)
+TOGO_KEEPS = (0.8, 0.69, 0.5)
 
 
 def default_specs(num_patches: int) -> list[str]:
+    """The default suite: every training-free method at three levels, plus the ablations the papers argue about
+    (PPT's policies and ToGo's package token) at the middle level."""
     specs = [f"tome:r={max(1, round(num_patches * f))}" for f in TOME_FRACTIONS]
     specs += [f"evit:keep={k}" for k in EVIT_KEEPS]
+    ppt_r = [max(1, round(num_patches * f)) for f in PPT_FRACTIONS]
+    specs += [f"ppt:r={r}" for r in ppt_r]
+    specs += [f"ppt:r={ppt_r[1]},policy=adaptive_invariant", f"ppt:r={ppt_r[1]},policy=pool"]
+    specs += [f"togo:keep={k}" for k in TOGO_KEEPS]
+    specs += [f"togo:keep={TOGO_KEEPS[1]},package=True"]
     return specs
 
 

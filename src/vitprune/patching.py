@@ -58,8 +58,10 @@ def patch(model: nn.Module, method: str | TokenReducer, *, trace_source: bool = 
     if bad is not None:
         raise ValueError(f"parameter {bad!r} holds NaN/Inf values; reload a valid checkpoint before patching")
     if is_patched(model):
+        _detach_method_module(model)
         backend.restore(model)
     backend.apply(model, PatchContext(reducer, info, original_class, trace_source))
+    _attach_method_module(model, reducer)
     return model
 
 
@@ -67,8 +69,31 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore a patched model to exactly what it was (same class, same parameters); returns it."""
     if not is_patched(model):
         raise ValueError("model is not patched by vitprune; nothing to unpatch")
+    _detach_method_module(model)
     _backend(model).restore(model)
     return model
+
+
+# ---- methods with parameters (e.g. ToGo's learned head-importance estimator) --------------------------------
+# A method that owns trainable parameters exposes them as ``reducer.module`` (an ``nn.Module``, or None). While the
+# model is patched that module is a submodule named METHOD_MODULE, so ``model.parameters()``, ``state_dict()``,
+# ``.to()``, ``.train()`` see it; ``unpatch`` (and re-patching) removes it again.
+METHOD_MODULE = "vitprune_method"
+
+
+def _attach_method_module(model: nn.Module, reducer: TokenReducer) -> None:
+    module = getattr(reducer, "module", None)
+    if module is None:
+        return
+    ref = next(iter(model.parameters()), None)
+    if ref is not None:
+        module.to(device=ref.device, dtype=ref.dtype)
+    module.train(model.training)
+    model.add_module(METHOD_MODULE, module)
+
+
+def _detach_method_module(model: nn.Module) -> None:
+    model._modules.pop(METHOD_MODULE, None)
 
 
 def last_trace(model: nn.Module):

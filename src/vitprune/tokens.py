@@ -71,8 +71,12 @@ class TokenState:
 
 def gather_tokens(state: TokenState, idx: Tensor) -> TokenState:
     """Keep the tokens at ``idx`` ([B, K] positions into the current tokens, prefix included), in that order."""
+    b, n = state.x.shape[:2]
+    # one index_select over the flattened batch: several times faster on CPU than gather with an expanded index
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * n).reshape(-1)
+
     def take(t: Tensor) -> Tensor:
-        return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+        return t.reshape(b * n, *t.shape[2:]).index_select(0, flat).view(b, idx.shape[1], *t.shape[2:])
 
     return replace(
         state,

@@ -106,6 +106,8 @@ def model_info(model: nn.Module) -> ModelInfo:
         grid=tuple(model.patch_embed.grid_size),
         mlp_ratio=mlp_hidden / model.embed_dim,
         has_cls=model.cls_token is not None,
+        patch_embed_macs=model.patch_embed.num_patches * model.patch_embed.proj.weight[0].numel() * model.embed_dim,
+        head_macs=model.head.weight.numel() if isinstance(model.head, nn.Linear) else 0,
     )
 
 

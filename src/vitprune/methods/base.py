@@ -21,6 +21,8 @@ class ModelInfo:
     grid: tuple[int, int]  # patch grid (rows, cols) at the model's image size
     mlp_ratio: float = 4.0
     has_cls: bool = True  # methods scored by CLS attention need one
+    patch_embed_macs: int = 0  # per image, so methods can plan against the whole model's MACs
+    head_macs: int = 0
 
     @property
     def num_patches(self) -> int:
