@@ -54,6 +54,10 @@ def test_method_specs_round_trip():
     with pytest.raises(ValueError, match="key=value"):
         parse_method_spec("tome:13")
     assert default_specs(196)[:3] == ["tome:r=8", "tome:r=13", "tome:r=16"]
+    assert default_specs(196, "core")[-2:] == ["ppt:r=50", "togo:keep=0.69"]  # the papers' default levels
+    assert len(default_specs(64, "all")) == 15
+    with pytest.raises(ValueError, match="suite"):
+        default_specs(196, "most")
 
 
 def test_run_bench_rows_without_data():

@@ -29,17 +29,25 @@ PPT_FRACTIONS = (0.18, 0.255, 0.31)
 TOGO_KEEPS = (0.8, 0.69, 0.5)
 
 
-def default_specs(num_patches: int) -> list[str]:
-    """The default suite: every training-free method at three levels, plus the ablations the papers argue about
-    (PPT's policies and ToGo's package token) at the middle level."""
-    specs = [f"tome:r={max(1, round(num_patches * f))}" for f in TOME_FRACTIONS]
-    specs += [f"evit:keep={k}" for k in EVIT_KEEPS]
+SUITES = ("core", "all")
+
+
+def default_specs(num_patches: int, suite: str = "all") -> list[str]:
+    """Method specs of a suite. ``all``: every training-free method at three levels, plus the ablations the papers
+    argue about (PPT's policies, ToGo's package token) at the middle level. ``core`` (fits ~3 min on the testbed):
+    ToMe and EViT at three levels, PPT and ToGo at their papers' default level."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    tome = [f"tome:r={max(1, round(num_patches * f))}" for f in TOME_FRACTIONS]
+    evit = [f"evit:keep={k}" for k in EVIT_KEEPS]
     ppt_r = [max(1, round(num_patches * f)) for f in PPT_FRACTIONS]
-    specs += [f"ppt:r={r}" for r in ppt_r]
-    specs += [f"ppt:r={ppt_r[1]},policy=adaptive_invariant", f"ppt:r={ppt_r[1]},policy=pool"]
-    specs += [f"togo:keep={k}" for k in TOGO_KEEPS]
-    specs += [f"togo:keep={TOGO_KEEPS[1]},package=True"]
-    return specs
+    ppt = [f"ppt:r={r}" for r in ppt_r]
+    togo = [f"togo:keep={k}" for k in TOGO_KEEPS]
+    if suite == "core":
+        return tome + evit + [ppt[1], togo[1]]
+    ablations = [f"ppt:r={ppt_r[1]},policy=adaptive_invariant", f"ppt:r={ppt_r[1]},policy=pool",
+                 f"togo:keep={TOGO_KEEPS[1]},package=True"]
+    return tome + evit + ppt + togo + ablations
 
 
 @dataclass

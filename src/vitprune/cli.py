@@ -41,7 +41,10 @@ def bench(
         "for the testbed model, none (no accuracy) otherwise."),
     method: Optional[list[str]] = typer.Option(
         None, "--method", "-m", help="Method spec, repeatable, e.g. -m tome:r=13 -m 'evit:keep=0.7,blocks=(3,6,9)'. "
-        "Default: ToMe and EViT at three reduction levels each."),
+        "Default: the --suite."),
+    suite: str = typer.Option("core", help="Default method set when no --method: 'core' (ToMe, EViT at 3 levels; "
+                              "PPT, ToGo at their papers' level; ~3 min on the testbed) or 'all' (every training-free "
+                              "method at 3 levels + PPT policy and ToGo package ablations; ~7 min)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on an evenly strided subset of this many images."),
     batch_size: int = typer.Option(32, help="Batch for the throughput measurement."),
     threads: int = typer.Option(2, help="CPU threads for the throughput measurement."),
@@ -73,7 +76,7 @@ def bench(
         example = torch.stack([dataset[i][0] for i in range(min(batch_size, len(dataset)))])
     else:
         example = torch.randn(batch_size, in_chans, *size)
-    specs = list(method) if method else default_specs(net.patch_embed.num_patches)
+    specs = list(method) if method else default_specs(net.patch_embed.num_patches, suite)
     settings = BenchSettings(batch_size=batch_size, threads=threads, rounds=rounds,
                              measure_speed=speed, dtype=DTYPES[dtype], device=device)
     steps = (len(specs) + 1) * (1 + (dataset is not None)) + speed
