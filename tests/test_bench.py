@@ -91,6 +91,7 @@ def test_cli_bench_on_testbed(tmp_path):
     assert rows[0]["top1_delta"] == 0.0 and rows[1]["gmacs"] < rows[0]["gmacs"]
     assert (out / "bench.csv").exists() and (out / "pareto.png").stat().st_size > 5000
     assert "tome" in result.output and "GMACs" in result.output
+    assert "accuracy at ≈ −35% MACs" in result.output and "evit: " in result.output
 
 
 def test_cli_rejects_bad_method():

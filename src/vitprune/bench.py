@@ -141,6 +141,20 @@ def run_bench(
     return BenchResult(rows=rows, meta=meta)
 
 
+def accuracy_at_cost(rows: list[BenchRow], saving: float = 0.35) -> list[str]:
+    """One line per method: its row closest to ``saving`` fewer MACs than unpatched, with the top-1 change."""
+    base = rows[0]
+    lines = []
+    for method in dict.fromkeys(r.method for r in rows[1:]):
+        candidates = [r for r in rows if r.method == method and r.top1_delta is not None]
+        if not candidates:
+            continue
+        best = min(candidates, key=lambda r: abs((1 - r.gmacs / base.gmacs) - saving))
+        lines.append(f"{method}: {100 * best.top1_delta:+.2f} pt top-1 at {100 * (best.gmacs / base.gmacs - 1):+.1f}% "
+                     f"MACs ({best.config})")
+    return lines
+
+
 def _configure(model: nn.Module, name: str, config: dict[str, Any]) -> None:
     """Put the one model object into a configuration: unpatched ("none") or patched with a method."""
     if name == "none":
