@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import vitprune
-from vitprune.bench import BenchSettings, default_specs, run_bench
+from vitprune.bench import BenchSettings, default_specs, noisy_timings, run_bench
 from vitprune.cli import app
 from vitprune.measure.flops import count_macs, paper_vit_macs
 from vitprune.specs import format_method_spec, parse_method_spec
@@ -71,6 +71,9 @@ def test_run_bench_rows_without_data():
     assert tome.tokens_per_layer == [17, 15, 13, 11, 9, 7, 5, 3, 2, 2, 2, 2]  # r clamped to half the patches
     assert all(r.img_per_s > 0 for r in result.rows)
     assert not vitprune.is_patched(model)
+    assert isinstance(result.meta["noisy_timings"], list)
+    tome.extra.update(latency_ms=10.0, latency_iqr_ms=3.0)
+    assert "tome:r=2" in noisy_timings(result.rows)
     with pytest.raises(ValueError, match="unknown method"):  # a bad spec fails before any measurement
         run_bench(model, "tiny64", ["bogus:x=1"], None, settings, torch.randn(2, 3, 64, 64))
 

@@ -137,8 +137,18 @@ def run_bench(
         "torch": torch.__version__,
         "macs": "multiply-accumulates per image from executed ops (torch.utils.flop_counter FLOPs / 2)",
         "speed": f"torch.utils.benchmark, median of {settings.rounds} interleaved rounds per configuration",
+        "noisy_timings": noisy_timings(rows),
     }
     return BenchResult(rows=rows, meta=meta)
+
+
+NOISY_IQR = 0.15  # interquartile range of the round times, relative to the median, above which timings are suspect
+
+
+def noisy_timings(rows: list[BenchRow]) -> list[str]:
+    """Configurations whose round-to-round spread says the machine was busy while timing them."""
+    return [r.extra["spec"] for r in rows
+            if r.extra.get("latency_ms") and r.extra["latency_iqr_ms"] / r.extra["latency_ms"] > NOISY_IQR]
 
 
 def accuracy_at_cost(rows: list[BenchRow], saving: float = 0.35) -> list[str]:

@@ -56,7 +56,7 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="Folder for bench.csv, bench.json and pareto.png. Default: results/bench/<model>."),
 ) -> None:
     """Measure GMACs, img/s (speedup vs unpatched, same run), top-1 and tokens per block for several methods."""
-    from .bench import BenchSettings, accuracy_at_cost, default_specs, run_bench, save_outputs
+    from .bench import NOISY_IQR, BenchSettings, accuracy_at_cost, default_specs, run_bench, save_outputs
     from .measure.data import image_transform_for, load_dataset
     from .measure.report import print_table
     from .models import TESTBED_NAMES, create_model
@@ -92,6 +92,10 @@ def bench(
                         "n_eval": len(dataset) if dataset is not None else None})
     print_table(result.rows, title=f"vitprune bench — {model} (batch {batch_size}, {threads} threads, "
                 f"{dtype.value}, {device})", console=console)
+    if result.meta.get("noisy_timings"):
+        console.print(f"[yellow]timings are noisy (round-to-round spread > {NOISY_IQR:.0%} of the median) for "
+                      f"{', '.join(result.meta['noisy_timings'])}: was the machine busy? Re-run with more --rounds "
+                      "on an idle machine before trusting the speedups.[/]")
     summary = accuracy_at_cost(result.rows)
     if summary:
         console.print("[bold]accuracy at ≈ −35% MACs[/] (closest row per method):")

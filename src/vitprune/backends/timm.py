@@ -39,7 +39,8 @@ class TimmBlockOps:
     def attention(block: nn.Module, h: Tensor, size: Tensor | None) -> tuple[Tensor, AttentionScores]:
         attn = block.attn
         b, n, _ = h.shape
-        qkv = linear_into(h, attn.qkv, "qkv") if fast_path_enabled(attn) else attn.qkv(h)
+        fast = fast_path_enabled(attn) and type(attn.qkv) is nn.Linear  # a swapped-in layer (e.g. int8) runs itself
+        qkv = linear_into(h, attn.qkv, "qkv") if fast else attn.qkv(h)
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -68,7 +69,8 @@ def _plain_gelu_mlp(mlp: nn.Module) -> bool:
         type(mlp) is TimmMlp
         and type(mlp.act) is nn.GELU
         and isinstance(mlp.norm, nn.Identity)
-        and isinstance(mlp.fc1, nn.Linear)
+        and type(mlp.fc1) is nn.Linear
+        and type(mlp.fc2) is nn.Linear
     )
 
 
