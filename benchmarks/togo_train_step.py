@@ -19,16 +19,15 @@ on them); ``--model testbed`` uses the shared Fashion-MNIST model.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 import vitprune
 from vitprune.measure.flops import count_macs
+from vitprune.measure.speed import round_robin as timing_round_robin
 from vitprune.methods.togo import ToGo, ToGoPerTokenTopK
 from vitprune.models import create_model
 from vitprune.tokens import TokenState
@@ -36,26 +35,10 @@ from vitprune.tokens import TokenState
 
 def round_robin(configs: dict[str, tuple[Callable[[], None], Callable[[], object]]], threads: int, rounds: int,
                 min_round_time: float, warmup: int = 2) -> dict[str, list[float]]:
-    """``configs[label] = (setup, fn)``: seconds per ``fn()`` call, one timed block per configuration per round."""
-    prior = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    numbers = {}
-    try:
-        for label, (setup, fn) in configs.items():
-            setup()
-            for _ in range(warmup):
-                fn()
-            once = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads).timeit(1).median
-            numbers[label] = max(1, math.ceil(min_round_time / max(once, 1e-6)))
-        for _ in range(rounds):
-            for label, (setup, fn) in configs.items():
-                setup()
-                t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads).timeit(numbers[label])
-                times[label].append(t.median)
-    finally:
-        torch.set_num_threads(prior)
-    return times
+    """``configs[label] = (setup, fn)``: seconds per ``fn()`` call per round (vitprune's round-robin timer)."""
+    times, _ = timing_round_robin(list(configs.values()), threads=threads, rounds=rounds,
+                                  min_round_time=min_round_time, warmup=warmup)
+    return dict(zip(configs, times))
 
 
 def stats(t: list[float]) -> tuple[float, float, float]:

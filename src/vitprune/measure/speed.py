@@ -80,6 +80,44 @@ def measure_throughput(
     )
 
 
+def round_robin(
+    configs: list[tuple[Callable[[], None], Callable[[], object]]],
+    *,
+    threads: int = 2,
+    rounds: int = 5,
+    min_round_time: float = 0.5,
+    warmup: int = 2,
+) -> tuple[list[list[float]], list[int]]:
+    """Seconds per call of each configuration, timed round-robin with ``torch.utils.benchmark``.
+
+    ``configs[i] = (setup, fn)``: ``setup()`` puts the model into configuration i (e.g. patch or unpatch), ``fn()``
+    is what is timed (a forward, a training step, …). Each configuration is warmed up and its timed block sized to
+    ``min_round_time``; then every round times every configuration once, so slow drift of a shared machine hits
+    all of them alike. Returns, per configuration, the per-call times (one per round) and the calls per round.
+    """
+    if rounds < 1 or threads < 1:
+        raise ValueError(f"rounds and threads must be >= 1, got rounds={rounds}, threads={threads}")
+    prior_threads = torch.get_num_threads()
+    times: list[list[float]] = [[] for _ in configs]
+    numbers: list[int] = []
+    try:
+        torch.set_num_threads(threads)
+        for setup, fn in configs:
+            setup()
+            for _ in range(warmup):
+                fn()
+            once = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads).timeit(1).median
+            numbers.append(max(1, math.ceil(min_round_time / max(once, 1e-6))))
+        for _ in range(rounds):
+            for i, (setup, fn) in enumerate(configs):
+                setup()
+                timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads, label="vitprune")
+                times[i].append(timer.timeit(numbers[i]).median)
+    finally:
+        torch.set_num_threads(prior_threads)
+    return times, numbers
+
+
 def interleaved_throughput(
     model: nn.Module,
     example_batch: torch.Tensor,
@@ -90,43 +128,25 @@ def interleaved_throughput(
     min_round_time: float = 0.5,
     warmup: int = 2,
 ) -> list[SpeedResult]:
-    """Throughput of several configurations of one model, measured round-robin.
+    """Inference throughput of several configurations of one model, measured with :func:`round_robin`.
 
-    ``setups[i]()`` puts the model into configuration i (e.g. patch or unpatch). Each round times every
-    configuration once, so slow drift of a shared machine hits all of them alike; the result per
-    configuration is the median over rounds. Use this for speedups; ``measure_throughput`` for one model.
+    ``setups[i]()`` puts the model into configuration i; the result per configuration is the median over rounds.
+    Use this for speedups; ``measure_throughput`` for one model.
     """
-    if rounds < 1 or threads < 1:
-        raise ValueError(f"rounds and threads must be >= 1, got rounds={rounds}, threads={threads}")
     if example_batch.ndim < 1 or example_batch.shape[0] == 0:
         raise ValueError("example_batch must be a non-empty batch")
-    prior_threads = torch.get_num_threads()
-    times: list[list[float]] = [[] for _ in setups]
-    numbers: list[int] = []
-    try:
-        torch.set_num_threads(threads)
-        with torch.inference_mode():
-            for setup in setups:  # warm up each configuration and size its timed block
-                setup()
-                for _ in range(warmup):
-                    model(example_batch)
-                once = benchmark.Timer("model(x)", globals={"model": model, "x": example_batch},
-                                       num_threads=threads).timeit(1).median
-                numbers.append(max(1, math.ceil(min_round_time / max(once, 1e-6))))
-            for _ in range(rounds):
-                for i, setup in enumerate(setups):
-                    setup()
-                    timer = benchmark.Timer("model(x)", globals={"model": model, "x": example_batch},
-                                            num_threads=threads, label="vitprune throughput")
-                    times[i].append(timer.timeit(numbers[i]).median)
-    finally:
-        torch.set_num_threads(prior_threads)
+
+    def forward() -> object:
+        return model(example_batch)
+
+    with torch.inference_mode():
+        times, numbers = round_robin([(setup, forward) for setup in setups], threads=threads, rounds=rounds,
+                            min_round_time=min_round_time, warmup=warmup)
     bs = int(example_batch.shape[0])
     results = []
     for t, number in zip(times, numbers):
-        t_sorted = sorted(t)
-        median = statistics.median(t_sorted)
-        q = statistics.quantiles(t_sorted, n=4) if len(t_sorted) > 1 else [median, median, median]
+        median = statistics.median(t)
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [median, median, median]
         results.append(SpeedResult(
             batch_size=bs, threads=threads, dtype=str(example_batch.dtype).removeprefix("torch."),
             device=str(example_batch.device), img_per_s=bs / median, latency_ms_median=median * 1e3,
