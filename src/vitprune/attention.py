@@ -4,10 +4,15 @@ Proportional attention (ToMe): a token that stands for ``s`` patches gets ``log(
 the same as repeating it ``s`` times. It is passed to SDPA as a float mask, so the fused kernel still runs.
 CLS attention (EViT, PPT, ToGo, selectors) is computed as one row ``softmax(q_cls · Kᵀ)`` per head instead of
 materialising the N×N matrix.
+
+Training a learned selector needs *masked* attention instead (DynamicViT/SPViT): dropped tokens stay in the tensor
+so shapes are static, but no token attends to them, and the mask's gradient reaches the selector. That, and an
+approximate exponential (HeatViT's polynomial softmax), take the explicit path: logits, masked softmax, ``@ v``.
 """
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +29,13 @@ def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 class AttentionScores:
     """What a block's attention exposes to the method: q, k, v per head and derived scores, computed lazily."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None) -> None:
+    def __init__(
+        self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, keep: Tensor | None = None
+    ) -> None:
         self.q, self.k, self.v = q, k, v  # [B, H, N, D]
         self.scale = scale
         self.bias = bias  # [B, 1, 1, N] or None
+        self.keep = keep  # [B, N] key mask (selector training) or None
 
     @cached_property
     def cls_attn(self) -> Tensor:
@@ -35,6 +43,8 @@ class AttentionScores:
         logits = (self.q[:, :, :1] * self.scale) @ self.k.transpose(-2, -1)  # [B, H, 1, N]
         if self.bias is not None:
             logits = logits + self.bias
+        if self.keep is not None:
+            return masked_softmax(logits, self.keep).squeeze(2).to(self.q.dtype)
         return logits.float().softmax(dim=-1).squeeze(2).to(self.q.dtype)
 
     @cached_property
@@ -48,11 +58,57 @@ class AttentionScores:
         return self.v.pow(2).sum(dim=(1, 3)).sqrt()
 
 
+# An attention module carrying this attribute (a callable) has its softmax's exp replaced by it; the hardware path
+# sets it to swap in the polynomial exp, and removes it to swap back.
+EXP_ATTR = "vitprune_exp"
+MASK_EPS = 1e-6  # DynamicViT's: keeps a row whose every key is masked finite
+
+
+def masked_softmax(logits: Tensor, keep: Tensor | None, exp: Callable[[Tensor], Tensor] = torch.exp) -> Tensor:
+    """Softmax over the last dim where key j counts with weight ``keep[b, j]`` ∈ [0, 1] (a token always sees itself).
+
+    With ``keep`` all ones this is the plain softmax up to ``MASK_EPS``; with a hard 0/1 ``keep`` it is the softmax
+    over the kept keys, and its gradient still reaches ``keep`` (multiplicative, never ``log(0)``).
+    """
+    logits = logits.float()
+    e = exp(logits - logits.amax(dim=-1, keepdim=True))
+    if keep is None:
+        return e / e.sum(dim=-1, keepdim=True)
+    n = logits.shape[-1]
+    policy = keep.to(e.dtype)[:, None, None, :]  # [B, 1, 1, N]
+    eye = torch.eye(n, dtype=e.dtype, device=e.device)
+    if logits.shape[-2] != n:  # queries are a subset (e.g. the CLS row alone): they are the first tokens
+        eye = eye[: logits.shape[-2]]
+    policy = policy + (1.0 - policy) * eye
+    e = e * policy
+    return (e + MASK_EPS / n) / (e.sum(dim=-1, keepdim=True) + MASK_EPS)
+
+
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, size: Tensor | None, dropout_p: float = 0.0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    size: Tensor | None,
+    keep: Tensor | None = None,
+    exp: Callable[[Tensor], Tensor] | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, AttentionScores]:
-    """Attention over [B, H, N, D] inputs with the size bias; returns ([B, H, N, D] output, lazy scores)."""
+    """Attention over [B, H, N, D] inputs with the size bias; returns ([B, H, N, D] output, lazy scores).
+
+    ``keep`` [B, N] masks keys (selector training); ``exp`` replaces ``torch.exp`` inside the softmax (e.g. the
+    polynomial one). Either selects the explicit path; otherwise one fused SDPA call.
+    """
     bias = size_bias(size, q.dtype)
+    if keep is not None or exp is not None:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        attn = masked_softmax(logits, keep, exp or torch.exp).to(q.dtype)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        return attn @ v, AttentionScores(q, k, v, scale, bias, keep)
     if bias is not None:
         # An expanded mask lets the CPU flash kernel skip its own broadcast bookkeeping (measured faster).
         mask = bias.expand(-1, q.shape[1], q.shape[2], -1)

@@ -19,7 +19,10 @@ class BlockOps(Protocol):
 
     def norm1(self, block: nn.Module, x: Tensor) -> Tensor: ...
 
-    def attention(self, block: nn.Module, h: Tensor, size: Tensor | None) -> tuple[Tensor, AttentionScores]: ...
+    def attention(
+        self, block: nn.Module, h: Tensor, size: Tensor | None, keep: Tensor | None
+    ) -> tuple[Tensor, AttentionScores]:
+        """``size``: proportional-attention sizes or None; ``keep``: [B, N] key mask (selector training) or None."""
 
     def attn_residual(self, block: nn.Module, x: Tensor, y: Tensor) -> Tensor: ...
 
@@ -34,7 +37,7 @@ def run_blocks(
         state = method.before_attention(layer, state, trace)
         trace.tokens_attn.append(state.num_tokens)
         size = state.size if method.prop_attn else None
-        y, scores = ops.attention(block, ops.norm1(block, state.x), size)
+        y, scores = ops.attention(block, ops.norm1(block, state.x), size, state.keep)
         state = state.with_x(ops.attn_residual(block, state.x, y))
         reduced = method.reduce(layer, state, scores, trace)
         if reduced is not state and reduced.source is not None:

@@ -30,6 +30,8 @@ class TokenState:
     index:  [B, N] the input position each token came from (its own, or the one it was merged into);
             ``PACKAGE_INDEX`` for package tokens.
     grid:   (rows, cols) of the input patch grid, so grid-aware methods can map positions back to 2-D.
+    keep:   [B, N] soft/hard keep mask while a learned selector trains (masked attention, static shapes);
+            ``None`` at inference, where dropped tokens are gathered away instead.
     """
 
     x: Tensor
@@ -38,6 +40,7 @@ class TokenState:
     source: Tensor | None = None
     index: Tensor | None = None
     grid: tuple[int, int] | None = None
+    keep: Tensor | None = None
 
     @classmethod
     def initial(
@@ -84,6 +87,7 @@ def gather_tokens(state: TokenState, idx: Tensor) -> TokenState:
         size=None if state.size is None else take(state.size),
         source=None if state.source is None else take(state.source),
         index=None if state.index is None else state.index.gather(1, idx),
+        keep=None if state.keep is None else state.keep.gather(1, idx),
     )
 
 
@@ -102,6 +106,7 @@ def merge_tokens(state: TokenState, merge: MergeFn, layout: MergeFn) -> TokenSta
         size=new_size,
         source=None if state.source is None else merge(state.source, "amax"),
         index=None if state.index is None else layout(state.index.unsqueeze(-1), "keep").squeeze(-1),
+        keep=None if state.keep is None else merge(state.keep.unsqueeze(-1), "amax").squeeze(-1),
     )
 
 
@@ -113,6 +118,7 @@ def append_token(state: TokenState, x: Tensor, size: Tensor, source: Tensor | No
         size=torch.cat([state.sizes(), size.view(-1, 1, 1).to(state.x.dtype)], dim=1),
         source=None if state.source is None else torch.cat([state.source, source.unsqueeze(1)], dim=1),
         index=None if state.index is None else torch.cat([state.index, index.view(-1, 1)], dim=1),
+        keep=None if state.keep is None else torch.cat([state.keep, state.keep.new_ones(state.keep.shape[0], 1)], 1),
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import AttentionScores, attend
+from ..attention import EXP_ATTR, AttentionScores, attend
 from ..engine import PatchContext, run_blocks
 from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
@@ -36,7 +36,9 @@ class TimmBlockOps:
         return block.norm1(x)
 
     @staticmethod
-    def attention(block: nn.Module, h: Tensor, size: Tensor | None) -> tuple[Tensor, AttentionScores]:
+    def attention(
+        block: nn.Module, h: Tensor, size: Tensor | None, keep: Tensor | None = None
+    ) -> tuple[Tensor, AttentionScores]:
         attn = block.attn
         b, n, _ = h.shape
         fast = fast_path_enabled(attn) and type(attn.qkv) is nn.Linear  # a swapped-in layer (e.g. int8) runs itself
@@ -45,7 +47,8 @@ class TimmBlockOps:
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         dropout = attn.attn_drop.p if attn.training else 0.0
-        out, scores = attend(q, k, v, scale=attn.scale, size=size, dropout_p=dropout)
+        out, scores = attend(q, k, v, scale=attn.scale, size=size, keep=keep, exp=getattr(attn, EXP_ATTR, None),
+                             dropout_p=dropout)
         out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.attn_dim))
         if attn.gate is not None:
             out = out * attn.gate(h).sigmoid()

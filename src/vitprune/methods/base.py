@@ -79,6 +79,12 @@ class TokenReducer:
         """A short config string for tables, e.g. ``r=13``."""
         return ""
 
+    @property
+    def static_shapes(self) -> bool:
+        """True when every block's token count is fixed by the config (not by the data), so the patched model can
+        be exported with static shapes (ONNX) and batched without padding. Data-dependent methods override."""
+        return True
+
 
 def check_keep(keep: float, what: str = "keep") -> float:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
