@@ -4,11 +4,13 @@
     model = timm.create_model("deit_small_patch16_224")
     vitprune.patch(model, "tome", r=13)      # in place; returns the model
     vitprune.unpatch(model)                   # exactly the original again
+    model = vitprune.load("testbed", "results/train/heatvit")   # base weights + a `vitprune train` folder
 """
 from .methods.base import ModelInfo, TokenReducer, Trace
 from .patching import is_patched, last_trace, patch, unpatch
 from .registry import available_methods, create_method, register_method
 from .tokens import TokenState
+from .train.checkpoint import load
 
 __version__ = "0.1.0"
 
@@ -24,5 +26,6 @@ __all__ = [
     "ModelInfo",
     "Trace",
     "last_trace",
+    "load",
 ]
 

@@ -101,6 +101,10 @@ def attend(
     polynomial one). Either selects the explicit path; otherwise one fused SDPA call.
     """
     bias = size_bias(size, q.dtype)
+    if keep is not None and exp is None and not keep.requires_grad:
+        # a fixed 0/1 mask (padding of per-image token counts at inference): -inf logits, still one SDPA call
+        pad = torch.zeros_like(keep, dtype=q.dtype).masked_fill(keep <= 0, float("-inf"))[:, None, None, :]
+        bias, keep = (pad if bias is None else bias + pad), None
     if keep is not None or exp is not None:
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:

@@ -72,6 +72,12 @@ def _tokens_entering_blocks(model: nn.Module) -> list[float]:
     return [float(n) for n in trace.tokens_attn] if trace is not None else []
 
 
+def _tokens_entering_mlps(model: nn.Module) -> list[float]:
+    """Tokens entering each block's MLP (fewer than at its attention when a method reduces in between)."""
+    trace = patching.last_trace(model)
+    return [float(n) for n in trace.tokens_mlp] if trace is not None else []
+
+
 def run_bench(
     model: nn.Module,
     model_name: str,
@@ -101,13 +107,15 @@ def run_bench(
         macs = count_macs(model, example[:1])
         patched = patching.is_patched(model)
         tokens = _tokens_entering_blocks(model) if patched else [float(_token_count(model))] * _depth(model)
+        tokens_mlp = _tokens_entering_mlps(model) if patched else list(tokens)  # same forward as tokens, before eval
         describe = model._vitprune.method.describe() if patched else "unpatched"
         top1 = None
         if data is not None:
             step(f"{label}: accuracy")
             top1 = evaluate(model, data, batch_size=settings.eval_batch_size, progress=False).top1
         rows.append(BenchRow(model=model_name, method=name, config=describe or label, gmacs=macs.gmacs,
-                             macs_ratio=1.0, top1=top1, tokens_per_layer=tokens, extra={"spec": label}))
+                             macs_ratio=1.0, top1=top1, tokens_per_layer=tokens,
+                             extra={"spec": label, "tokens_mlp": tokens_mlp}))
     _configure(model, "none", {})
 
     if settings.measure_speed:

@@ -33,7 +33,9 @@ def methods() -> None:
 
 @app.command()
 def bench(
-    model: str = typer.Option("testbed", help="'testbed' (shared Fashion-MNIST ViT), 'dinov2_vits14', or a timm name."),
+    model: str = typer.Option("testbed", help="'testbed' (shared Fashion-MNIST ViT), 'dinov2_vits14', a timm name, or "
+                              "hf:<...> for Hugging Face transformers: hf:dinov2_vits14, hf:testbed (converted from "
+                              "timm), hf:<class> (random init), hf:<config.json or save_pretrained folder>."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local .safetensors/.pth weights, loaded strictly."),
     pretrained: bool = typer.Option(False, help="Download timm pretrained weights (needs a reachable hub)."),
     data: Optional[str] = typer.Option(
@@ -62,7 +64,7 @@ def bench(
     from .models import TESTBED_NAMES, create_model
 
     net = create_model(model, checkpoint=checkpoint, pretrained=pretrained)
-    if data is None and accuracy and model.lower() in TESTBED_NAMES:
+    if data is None and accuracy and model.lower().removeprefix("hf:") in TESTBED_NAMES:
         data = "testbed"
     dataset = None
     if data is not None and accuracy:
@@ -112,7 +114,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 @app.command()
 def viz(
     image: list[Path] = typer.Option(..., "--image", "-i", help="Image file or folder of images (repeatable)."),
-    model: str = typer.Option("dinov2_vits14", help="'dinov2_vits14' (shared weights), 'testbed', or a timm name."),
+    model: str = typer.Option("dinov2_vits14", help="'dinov2_vits14' (shared weights), 'testbed', a timm name, or "
+                              "hf:<...> (as for bench)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights, loaded strictly."),
     method: Optional[list[str]] = typer.Option(
         None, "--method", "-m", help="Method spec, repeatable. Default: tome:r=16 and evit:keep=0.5."),
@@ -151,6 +154,286 @@ def viz(
             path = token_figure(net, x, f"{f.name} · {spec}", out / f"{f.stem}_{tag}.png")
             console.print(f"wrote {path}")
     patching.unpatch(net)
+
+
+@app.command()
+def lut(
+    model: str = typer.Option("testbed", help="'testbed', 'dinov2_vits14', or a timm name (as for bench). Weights "
+                              "do not change latency, so none are loaded (no assets needed)."),
+    batch_size: int = typer.Option(32, help="Batch the latencies are measured for (the batch you will run)."),
+    threads: int = typer.Option(2, help="CPU threads."),
+    dtype: DType = typer.Option(DType.fp32, help="Compute dtype."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    counts: str = typer.Option("grid", help="Token counts to time: 'grid' (1, every ~N/16 tokens, N; N = patches + "
+                               "prefix tokens), 'all' (1..N; slow on CPU) or a comma list such as 1,16,32,65."),
+    per_block: bool = typer.Option(False, "--per-block", help="Time every block (default: block 0 stands for all, "
+                                   "as a plain ViT's blocks have identical shapes)."),
+    rounds: int = typer.Option(5, help="Round-robin timing rounds (median per token count)."),
+    check: bool = typer.Option(False, "--check", help="Then time real patched forwards and compare measured with "
+                               "predicted latency and speedup."),
+    method: Optional[list[str]] = typer.Option(
+        None, "--method", "-m", help="Method specs for --check, repeatable; the first is the speedup baseline. "
+        "Default: tome:r=0 (engine, no reduction) and EViT keep 0.7/0.5 at blocks depth/4, depth/2, 3·depth/4."),
+    out: Optional[Path] = typer.Option(None, help="JSON file. Default: results/lut/<model>.json."),
+) -> None:
+    """Latency look-up table: time each block at token counts 1..N on this device, for latency-aware training."""
+    import time
+
+    from rich.table import Table
+
+    from .models import create_model
+    from .train.lut import check_lut, profile_lut
+
+    net = create_model(model, shared_weights=False)
+    if counts in ("grid", "all"):
+        count_arg: object = counts
+    else:
+        try:
+            count_arg = [int(c) for c in counts.split(",") if c.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--counts {counts!r}: use 'grid', 'all' or whole numbers like 1,16,32,65")
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("lut", total=None)
+
+        def on_step(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=what)
+
+        table = profile_lut(net, batch_size=batch_size, threads=threads, dtype=DTYPES[dtype], device=device,
+                            counts=count_arg, per_block=per_block, rounds=rounds, model_name=model, progress=on_step)
+    elapsed = time.perf_counter() - start
+    meta = table.meta
+    shown = "mean over blocks" if per_block else "every block"
+    view = Table(title=f"vitprune lut — {model} (batch {batch_size}, {threads} threads, {dtype.value}, "
+                 f"{meta['device_name']}); ms per batch, {shown}")
+    for col in ("tokens", "attention ms", "MLP ms", "block ms", "block ms (raw median)"):
+        view.add_column(col, justify="right")
+    depth = table.depth
+    for j, n in enumerate(table.token_counts):
+        attn = sum(r[j] for r in table.attn_ms) / depth
+        mlp = sum(r[j] for r in table.mlp_ms) / depth
+        raw = sum(a[j] + m[j] for a, m in zip(table.attn_ms_raw or [], table.mlp_ms_raw or [])) / depth
+        view.add_row(str(n), f"{attn:.3f}", f"{mlp:.3f}", f"{attn + mlp:.3f}", f"{raw:.3f}")
+    console.print(view)
+    full = table.full_ms()
+    console.print(f"fixed (patch/position embedding, final norm, head): {table.fixed_ms:.2f} ms; "
+                  f"predicted unpruned total: {full:.1f} ms per batch = {batch_size / full * 1e3:.1f} img/s "
+                  f"({depth} blocks at {table.num_tokens} tokens); profiled in {elapsed:.0f} s")
+    if meta.get("noisy"):
+        console.print(f"[yellow]timings are noisy (round-to-round spread up to {meta['max_round_spread']:.0%} of the "
+                      "median): was the machine busy? Re-run with more --rounds on an idle machine.[/]")
+    path = out or Path("results") / "lut" / f"{model.replace('/', '_')}.json"
+    table.save(path)
+    console.print(f"wrote {path}")
+    if check:
+        q = [depth // 4, depth // 2, 3 * depth // 4]
+        specs = list(method) if method else [
+            "tome:r=0", f"evit:keep=0.7,blocks=({q[0]},{q[1]},{q[2]})", f"evit:keep=0.5,blocks=({q[0]},{q[1]},{q[2]})"]
+        with console.status("timing real forwards for --check"):
+            rows = check_lut(table, net, specs, rounds=rounds)
+        view = Table(title=f"LUT prediction vs measured (speedups vs {specs[0]})")
+        for col in ("config", "predicted ms", "measured ms", "predicted speedup", "measured speedup", "error"):
+            view.add_column(col, justify="right")
+        for r in rows:
+            view.add_row(r.spec, f"{r.predicted_ms:.1f}", f"{r.measured_ms:.1f}", f"{r.predicted_speedup:.2f}×",
+                         f"{r.measured_speedup:.2f}×", f"{100 * r.speedup_error:+.1f}%")
+        console.print(view)
+
+
+@app.command()
+def hw(
+    bench_json: Optional[Path] = typer.Option(
+        None, "--bench-json", help="Rows written by `vitprune bench` (results/bench/<model>/bench.json): their token "
+        "counts per block and measured CPU speedups."),
+    model: Optional[str] = typer.Option(
+        None, help="Instead of --bench-json: run one forward of this model ('testbed', 'dinov2_vits14' or a timm name) "
+        "under each -m spec to get the token counts."),
+    method: Optional[list[str]] = typer.Option(
+        None, "--method", "-m", help="Method spec for --model, repeatable. Default: the bench 'core' suite."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local weights for --model (data-dependent counts use them)."),
+    data: Optional[str] = typer.Option(None, help="Images for the --model forward (.npz, list file, image folder or "
+                                       "'testbed'). Default: random inputs."),
+    batch_size: int = typer.Option(8, help="Images in the --model forward (token counts are per forward)."),
+    preset: str = typer.Option("zcu102", help="Accelerator defaults: 'zcu102' or 'zcu104' (numbers and sources in "
+                               "vitprune.hw.accel); the options below override them."),
+    pe_rows: Optional[int] = typer.Option(None, help="PE array rows (input channels of a weight tile). zcu102: 32."),
+    pe_cols: Optional[int] = typer.Option(None, help="PE array columns (output channels of a tile). zcu102: 64."),
+    clock_mhz: Optional[float] = typer.Option(None, help="Clock in MHz. zcu102: 150."),
+    dram_gbps: Optional[float] = typer.Option(None, help="Sustained DRAM bandwidth in GB/s. zcu102: 9.6."),
+    buffer_kib: Optional[int] = typer.Option(None, help="On-chip buffer in KiB. zcu102: ~3906 (4.0 MB)."),
+    vector_lanes: Optional[int] = typer.Option(None, help="Lanes of the softmax/GELU/LayerNorm unit. zcu102: 64."),
+    sorter_width: Optional[int] = typer.Option(None, help="Comparators of the top-k sorting network. zcu102: 4."),
+    calibration: bool = typer.Option(False, "--calibration", help="Only the HeatViT-like DeiT-T check: selectors "
+                                     "before blocks 4, 7, 10; HeatViT reports 1.8–2.6× (pruning only, ZCU102)."),
+) -> None:
+    """Predicted latency on an int8 ViT accelerator (HeatViT-like FPGA) from each method's tokens per block."""
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from . import patching
+    from .backends.timm import model_info
+    from .hw.accel import (HEATVIT_BLOCKS, HEATVIT_SPEEDUP_RANGE, PRESETS, calibration_check, options_from_config,
+                           predict)
+    from .measure.report import MISSING, BenchRow, compact_tokens, read_json
+    from .models import create_model
+    from .specs import parse_method_spec
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+    overrides = dict(pe_rows=pe_rows, pe_cols=pe_cols, clock_mhz=clock_mhz, dram_gbps=dram_gbps,
+                     vector_lanes=vector_lanes, sorter_width=sorter_width,
+                     buffer_bytes=None if buffer_kib is None else buffer_kib * 1024)
+    try:
+        cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    title = (f"vitprune hw — {cfg.name}: {cfg.pe_rows}×{cfg.pe_cols} int8 MACs @ {cfg.clock_mhz:g} MHz, "
+             f"{cfg.buffer_bytes / 1e6:.1f} MB SRAM, {cfg.dram_gbps:g} GB/s DRAM; batch 1")
+    view = Table(title=title, header_style="bold")
+    for col in ("model", "method", "config", "GMACs", "tokens per layer", "accel ms", "accel speedup",
+                "selection overhead", "CPU speedup"):
+        text = col in ("model", "method", "config", "tokens per layer")
+        view.add_column(col, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
+
+    if calibration:
+        lo, hi = HEATVIT_SPEEDUP_RANGE
+        for res in calibration_check(cfg):
+            keeps = [b.tokens_attn for b in res.blocks]
+            ok = lo <= res.speedup <= hi
+            view.add_row("deit_tiny (shape)", "heatvit-like", f"selectors @{','.join(map(str, HEATVIT_BLOCKS))}",
+                         f"{res.macs / 1e9:.3f}", compact_tokens(keeps), f"{res.latency_ms:.2f}",
+                         f"[{'green' if ok else 'red'}]{res.speedup:.2f}×[/]", f"{100 * res.overhead:.1f}%", MISSING)
+        console.print(view)
+        console.print(f"unpruned DeiT-T: {res.baseline_ms:.2f} ms. HeatViT (DeiT-T, ZCU102, token pruning only): "
+                      f"{lo}–{hi}×")
+        return
+
+    if (bench_json is None) == (model is None):
+        raise typer.BadParameter("give either --bench-json results/bench/<model>/bench.json or --model NAME "
+                                 "(with -m specs)")
+    if bench_json is not None:
+        if not bench_json.exists():
+            raise typer.BadParameter(f"{bench_json} does not exist; run `vitprune bench` first (it writes "
+                                     "results/bench/<model>/bench.json)")
+        rows, _meta = read_json(bench_json)
+        if not rows:
+            raise typer.BadParameter(f"{bench_json} holds no rows; re-run `vitprune bench`")
+    else:
+        from .bench import default_specs
+        from .measure.data import image_transform_for, load_dataset
+        from .measure.flops import count_macs
+
+        net = create_model(model, checkpoint=checkpoint)
+        in_chans, size = net.patch_embed.proj.in_channels, tuple(net.patch_embed.img_size)
+        if data is not None:
+            dataset = load_dataset(data, transform=image_transform_for(net), limit=batch_size)
+            x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        else:
+            x = torch.randn(batch_size, in_chans, *size)
+        rows = []
+        n0, depth = net.patch_embed.num_patches + net.num_prefix_tokens, len(net.blocks)
+        for spec in ["none"] + (list(method) if method else default_specs(net.patch_embed.num_patches, "core")):
+            name, config = parse_method_spec(spec)
+            if name != "none":
+                patching.patch(net, name, **config)
+            elif patching.is_patched(net):
+                patching.unpatch(net)
+            macs = count_macs(net, x)
+            trace = patching.last_trace(net) if name != "none" else None
+            attn = [float(t) for t in trace.tokens_attn] if trace else [float(n0)] * depth
+            mlp = [float(t) for t in trace.tokens_mlp] if trace else list(attn)
+            describe = net._vitprune.method.describe() if name != "none" else "unpatched"
+            rows.append(BenchRow(model=model, method=name, config=describe or spec, gmacs=macs.gmacs, macs_ratio=1.0,
+                                 tokens_per_layer=attn, extra={"spec": spec, "tokens_mlp": mlp}))
+        if patching.is_patched(net):
+            patching.unpatch(net)
+
+    infos: dict = {model: model_info(net)} if bench_json is None else {}
+    inferred = False
+    for row in rows:
+        if row.model not in infos:
+            infos[row.model] = model_info(create_model(row.model, shared_weights=False))
+        spec = row.extra.get("spec") or row.method
+        try:
+            config = parse_method_spec(spec)[1]
+        except (ValueError, OSError, KeyError):  # e.g. a ckpt: folder that is not here: no blocks/group hints
+            config = {}
+        mlp = row.extra.get("tokens_mlp")
+        inferred |= not mlp and not row.is_baseline
+        try:
+            res = predict(infos[row.model], row.tokens_per_layer, mlp, row.method, cfg, **options_from_config(config))
+        except ValueError as e:
+            raise typer.BadParameter(f"{spec}: {e}")
+        view.add_row(row.model, row.method, row.config, f"{row.gmacs:.3f}", compact_tokens(row.tokens_per_layer),
+                     f"{res.latency_ms:.2f}", f"{res.speedup:.2f}×", f"{100 * res.overhead:.1f}%",
+                     MISSING if row.speedup is None else f"{row.speedup:.2f}×")
+    console.print(view)
+    if inferred:
+        console.print("[yellow]these rows have no tokens_mlp (bench.json from before it was recorded): tokens entering "
+                      "each MLP were taken as the next block's count, so the last block's reduction is not seen. "
+                      "Re-run `vitprune bench` for exact counts.[/]")
+
+
+@app.command()
+def train(
+    method: str = typer.Option("heatvit", "--method", "-m", help="Method spec: heatvit / spvit (learned selectors, "
+                               "e.g. 'heatvit:keep=(0.6,0.4,0.25)') or a training-free one to fine-tune under "
+                               "(e.g. 'ppt:r=50,threshold=6e-5')."),
+    model: str = typer.Option("testbed", help="Base model, as for bench."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Base weights, loaded strictly."),
+    data: str = typer.Option("testbed-train", help="Training data: 'testbed-train' (Fashion-MNIST train split), "
+                             ".npz, list file or image folder."),
+    limit: Optional[int] = typer.Option(None, help="Train on an evenly strided subset of this many images."),
+    steps: int = typer.Option(300, help="Optimizer steps."),
+    batch_size: int = typer.Option(64, help="Batch per process."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the selectors."),
+    backbone_lr: float = typer.Option(2e-5, help="Learning rate of the backbone (full fine-tune)."),
+    freeze_backbone: Optional[bool] = typer.Option(
+        None, "--freeze-backbone/--full", help="Train the selectors only, or fine-tune everything. Default: "
+        "selectors only for learned methods, full for training-free ones."),
+    label_free: bool = typer.Option(False, help="No labels: distillation (KL + token MSE) and the budget only."),
+    lut_path: Optional[Path] = typer.Option(None, "--lut", help="Latency LUT (`vitprune lut`) for a latency budget."),
+    target_latency_ms: Optional[float] = typer.Option(None, help="Latency budget in ms per batch (needs --lut)."),
+    target_speedup: Optional[float] = typer.Option(None, help="Latency budget as a speedup over unpruned (--lut)."),
+    multi_stage: bool = typer.Option(False, help="Insert selectors stage by stage, choosing each stage's block and "
+                                     "keep rate against the budget by validation fidelity (HeatViT)."),
+    lambda_ratio: float = typer.Option(2.0, help="Weight of the keep-ratio loss."),
+    lambda_kl: float = typer.Option(0.5, help="Weight of KL(student ‖ teacher)."),
+    lambda_tokens: float = typer.Option(0.5, help="Weight of the kept-token MSE."),
+    lambda_latency: float = typer.Option(2.0, help="Weight of the latency-sparsity loss."),
+    val_data: Optional[str] = typer.Option("testbed", help="Labelled data to evaluate on after training ('' = none)."),
+    val_limit: Optional[int] = typer.Option(None, help="Evaluate on a strided subset."),
+    out: Optional[Path] = typer.Option(None, help="Output folder. Default: results/train/<method>."),
+    save_every: int = typer.Option(100, help="Checkpoint every N steps (and at the end)."),
+    resume: bool = typer.Option(False, help="Continue from <out>/resume.pt after an interruption."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda (torchrun: one GPU per process)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process."),
+) -> None:
+    """Train learned token selectors (or fine-tune under a method), distilled from the unpatched model."""
+    from .specs import format_method_spec, parse_method_spec
+    from .train.losses import LossWeights
+    from .train.loop import TrainConfig
+    from .train.run import run_training
+
+    if threads:
+        torch.set_num_threads(threads)
+    name, config = parse_method_spec(method)
+    if freeze_backbone is None:
+        freeze_backbone = name in ("heatvit", "spvit")
+    cfg = TrainConfig(
+        method=name, method_config=config, model=model, checkpoint=None if checkpoint is None else str(checkpoint),
+        data=data, limit=limit, steps=steps, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+        freeze_backbone=freeze_backbone, label_free=label_free,
+        loss=LossWeights(ratio=lambda_ratio, kl=lambda_kl, tokens=lambda_tokens, latency=lambda_latency),
+        lut=None if lut_path is None else str(lut_path), target_latency_ms=target_latency_ms,
+        target_speedup=target_speedup, out=str(out or Path("results") / "train" / name), save_every=save_every,
+        resume=resume, seed=seed, device=device,
+    )
+    run_training(cfg, console=console, multi_stage=multi_stage, val_data=val_data or None, val_limit=val_limit,
+                 label=format_method_spec(name, config))
 
 
 def main() -> None:  # pragma: no cover

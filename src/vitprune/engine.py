@@ -59,10 +59,12 @@ class PatchContext:
         self.last_trace: Trace | None = None
         self.last_state: TokenState | None = None  # detached sizes/sources/positions, only when tracing
         self.final_size: Tensor | None = None  # sizes after the last block, for size-weighted pooling
+        self.final_keep: Tensor | None = None  # keep mask after the last block (selector training / padding)
 
     def finish(self, state: TokenState, trace: Trace) -> None:
         self.last_trace = trace
         self.final_size = state.size
+        self.final_keep = state.keep
         if self.trace_source:
             self.last_state = TokenState(
                 x=state.x.detach(),

@@ -13,6 +13,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     strings, booleans); a bare word is taken as a string. ``"none"`` is the unpatched model."""
     name, _, options = spec.strip().partition(":")
     name = name.strip().lower()
+    if name == "ckpt":
+        return trained_spec(options.strip())
     if not name:
         raise ValueError(f"empty method spec {spec!r}; write e.g. 'tome:r=13'")
     config: dict[str, Any] = {}
@@ -22,6 +24,19 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"cannot read option {item!r} in {spec!r}; write key=value, e.g. 'evit:keep=0.7,blocks=(3,6,9)'")
         config[key.strip()] = _literal(value.strip())
     return name, config
+
+
+def trained_spec(folder: str) -> tuple[str, dict[str, Any]]:
+    """``"ckpt:<folder>"``: the method and config a `vitprune train` folder was trained with, its selectors loaded.
+
+    Only selectors travel this way; a fine-tuned backbone is the model's weights (``--checkpoint``)."""
+    from .train.checkpoint import read_config
+
+    config = read_config(folder)
+    if not config.get("selectors"):
+        raise ValueError(f"{folder} trained no selectors; pass its backbone.safetensors as --checkpoint and "
+                         f"-m {config['method']}:... for the method")
+    return config["method"], {**config["config"], "checkpoint": str(folder)}
 
 
 def format_method_spec(name: str, config: dict[str, Any]) -> str:

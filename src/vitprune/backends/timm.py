@@ -157,7 +157,10 @@ class PatchedVisionTransformer:
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        size = self._vitprune.final_size
+        ctx = self._vitprune
+        size, keep = ctx.final_size, ctx.final_keep
+        if keep is not None and keep.shape[1] == x.shape[1]:  # masked tokens do not count
+            size = keep.unsqueeze(-1) if size is None else size * keep.unsqueeze(-1)
         if pool_type not in ("avg", "avgmax") or size is None or size.shape[1] != x.shape[1]:
             return super().pool(x, pool_type)  # type: ignore[misc]
         p = 0 if self.pool_include_prefix else self.num_prefix_tokens
