@@ -397,6 +397,8 @@ def train(
     lut_path: Optional[Path] = typer.Option(None, "--lut", help="Latency LUT (`vitprune lut`) for a latency budget."),
     target_latency_ms: Optional[float] = typer.Option(None, help="Latency budget in ms per batch (needs --lut)."),
     target_speedup: Optional[float] = typer.Option(None, help="Latency budget as a speedup over unpruned (--lut)."),
+    init: Optional[Path] = typer.Option(None, help="Start the selectors from a trained folder (e.g. a frozen-backbone "
+                                        "run before a full fine-tune)."),
     multi_stage: bool = typer.Option(False, help="Insert selectors stage by stage, choosing each stage's block and "
                                      "keep rate against the budget by validation fidelity (HeatViT)."),
     lambda_ratio: float = typer.Option(2.0, help="Weight of the keep-ratio loss."),
@@ -407,6 +409,7 @@ def train(
     val_limit: Optional[int] = typer.Option(None, help="Evaluate on a strided subset."),
     out: Optional[Path] = typer.Option(None, help="Output folder. Default: results/train/<method>."),
     save_every: int = typer.Option(100, help="Checkpoint every N steps (and at the end)."),
+    log_every: int = typer.Option(10, help="Write a log.jsonl line every N steps (and at the end)."),
     resume: bool = typer.Option(False, help="Continue from <out>/resume.pt after an interruption."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda (torchrun: one GPU per process)."),
@@ -430,7 +433,7 @@ def train(
         loss=LossWeights(ratio=lambda_ratio, kl=lambda_kl, tokens=lambda_tokens, latency=lambda_latency),
         lut=None if lut_path is None else str(lut_path), target_latency_ms=target_latency_ms,
         target_speedup=target_speedup, out=str(out or Path("results") / "train" / name), save_every=save_every,
-        resume=resume, seed=seed, device=device,
+        resume=resume, seed=seed, device=device, log_every=log_every, init_selectors=None if init is None else str(init),
     )
     run_training(cfg, console=console, multi_stage=multi_stage, val_data=val_data or None, val_limit=val_limit,
                  label=format_method_spec(name, config))

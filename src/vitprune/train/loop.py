@@ -217,7 +217,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int, dict[str, float]], None
         epoch, skip = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip * cfg.batch_size: per_epoch * cfg.batch_size]
-        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers, drop_last=True)
+        # its own generator: the loader must not draw from the global RNG (the Gumbel noise), or a resumed run
+        # would see different noise than an uninterrupted one
+        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             with torch.no_grad():
