@@ -45,7 +45,15 @@ def create_model(
     ``checkpoint`` is given or ``shared_weights=False`` (random init, e.g. for tests without assets).
     Other names go to ``timm.create_model(name, pretrained=pretrained, **kwargs)``: random init unless
     ``pretrained`` (needs the internet or a timm cache) or ``checkpoint``.
+    ``"hf:<...>"`` builds a Hugging Face transformers model wrapped for the tools (``HFVisionModel``; its ``.hf`` is
+    the transformers model): ``hf:dinov2_vits14`` (shared weights converted from timm), ``hf:<transformers class>``
+    (random init), ``hf:<config.json or save_pretrained folder>``; see ``vitprune.backends.hf_convert``.
     """
+    if name.startswith("hf:"):
+        from vitprune.backends.hf_convert import create_hf_model
+
+        return create_hf_model(name[3:], checkpoint=checkpoint, pretrained=pretrained,
+                               shared_weights=shared_weights, **kwargs)
     key = name.lower()
     if key in TESTBED_NAMES:
         model: nn.Module = VisionTransformer(**{**TESTBED_ARGS, **kwargs})

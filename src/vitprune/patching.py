@@ -1,6 +1,7 @@
 """``patch`` / ``unpatch``: validate everything first, then swap the model's class; never leave a half-patched model."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -16,9 +17,19 @@ def _backend(model: nn.Module):
 
     if timm_backend.is_timm_vit(model):
         return timm_backend
+    # transformers stays optional: a model can only be one of its classes if it has been imported already
+    if "transformers" in sys.modules:
+        try:
+            from .backends import hf as hf_backend
+        except ImportError:
+            hf_backend = None
+        if hf_backend is not None and hf_backend.is_hf_vit(model):
+            return hf_backend
     raise ValueError(
         f"unsupported model type {type(model).__module__}.{type(model).__name__}; vitprune patches timm "
-        "VisionTransformer models (ViT, DeiT, distilled DeiT, DINOv2), e.g. timm.create_model('deit_small_patch16_224')"
+        "VisionTransformer models (ViT, DeiT, distilled DeiT, DINOv2), e.g. timm.create_model('deit_small_patch16_224'), "
+        "and Hugging Face transformers ViTModel/ViTForImageClassification, DeiTModel/DeiTForImageClassification"
+        "(WithTeacher), Dinov2Model/Dinov2ForImageClassification (pip install 'vitprune[hf]')"
     )
 
 
