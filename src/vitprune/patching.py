@@ -17,6 +17,11 @@ def _backend(model: nn.Module):
 
     if timm_backend.is_timm_vit(model):
         return timm_backend
+    from .backends import timm_pit
+
+    if timm_pit.is_timm_pit(model):
+        return timm_pit
+    _reject_windowed(model)
     # transformers stays optional: a model can only be one of its classes if it has been imported already
     if "transformers" in sys.modules:
         try:
@@ -28,8 +33,24 @@ def _backend(model: nn.Module):
     raise ValueError(
         f"unsupported model type {type(model).__module__}.{type(model).__name__}; vitprune patches timm "
         "VisionTransformer models (ViT, DeiT, distilled DeiT, DINOv2), e.g. timm.create_model('deit_small_patch16_224'), "
+        "timm PoolingVisionTransformer (PiT, e.g. 'pit_s_224'; spvit/heatvit only), "
         "and Hugging Face transformers ViTModel/ViTForImageClassification, DeiTModel/DeiTForImageClassification"
         "(WithTeacher), Dinov2Model/Dinov2ForImageClassification (pip install 'vitprune[hf]')"
+    )
+
+
+def _reject_windowed(model: nn.Module) -> None:
+    """Swin-style windowed attention: say why token reduction does not apply, instead of 'unsupported type'."""
+    swin = ("SwinTransformer", "SwinTransformerV2", "SwinTransformerV2Cr", "SwinModel", "Swinv2Model")
+    if not any(type(m).__name__ in swin for m in (model, *model.children())):
+        return
+    raise ValueError(
+        f"{type(model).__name__} (Swin) cannot be token-reduced by vitprune: windowed attention partitions the tokens "
+        "into fixed windows of a full, regular grid (7x7 per window, shifted by half a window every other block) and "
+        "patch merging pools 2x2 neighbours, so removing or merging tokens breaks the window/shift structure; "
+        "masking pruned tokens inside their windows would keep that structure but save no compute, and real savings "
+        "need window-level pruning (drop whole windows, restore them before each shift and patch merging). "
+        "Use a plain ViT/DeiT (all methods) or a PiT (pit_ti/xs/s_224: spvit, heatvit)"
     )
 
 
@@ -63,6 +84,8 @@ def patch(model: nn.Module, method: str | TokenReducer, *, trace_source: bool = 
     else:
         reducer = create_method(method, **config)
     backend.check_supported(model)
+    if hasattr(backend, "check_method"):  # e.g. PiT runs only the methods that understand stages
+        backend.check_method(model, reducer)
     info = backend.model_info(model)
     reducer.setup(info)
     bad = first_nonfinite(model)

@@ -61,6 +61,9 @@ class MultiHeadSelector(nn.Module):
             nn.Sigmoid(),
         )
 
+    def fits(self, dim: int, num_heads: int) -> bool:
+        return self.num_heads == num_heads and self.in_conv[1].in_features * num_heads == dim
+
     def forward(self, x: Tensor, kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (log-probs [B, N, 2], probs [B, N, 2]), column 0 = keep, each a head-weighted mean."""
         b, n, c = x.shape
@@ -81,6 +84,19 @@ class MultiHeadSelector(nn.Module):
         log_probs = (F.log_softmax(logits.float(), dim=-1) * w).sum(dim=2) / norm
         probs = (F.softmax(logits.float(), dim=-1) * w).sum(dim=2) / norm
         return log_probs.to(x.dtype), probs.to(x.dtype)
+
+
+def block_stages(info: ModelInfo) -> dict[int, ModelInfo]:
+    """Block → the ModelInfo of its stage: ``info.stages`` (one per stage, in order, each with its own ``depth``)
+    on hierarchical models, else ``info`` for every block."""
+    stages = getattr(info, "stages", None) or (info,)
+    at, first = {}, 0
+    for stage in stages:
+        at.update({first + i: stage for i in range(stage.depth)})
+        first += stage.depth
+    if first != info.depth:
+        raise ValueError(f"model info: stages hold {first} blocks but depth is {info.depth}")
+    return at
 
 
 def selector_macs(n: int, dim: int, num_heads: int) -> int:
@@ -116,6 +132,7 @@ class TokenSelector(TokenReducer):
     module: nn.ModuleDict | None = field(default=None, init=False, repr=False, compare=False)
 
     default_blocks_12: ClassVar[tuple[int, ...]] = (3, 6, 9)  # selector positions for a 12-block model
+    supports_stages: ClassVar[bool] = True  # reads ``info.stages``, so hierarchical backends (PiT) accept it
 
     def setup(self, info: ModelInfo) -> None:
         if self.mode not in MODES:
@@ -133,20 +150,26 @@ class TokenSelector(TokenReducer):
         if self.blocks and self.blocks[0] == 0:
             raise ValueError(f"{self.name}: a selector needs at least one block before it; use blocks ≥ 1")
         keeps = tuple(check_keep(k) for k in per_block(self.keep, self.blocks, f"{self.name} keep"))
-        if any(b > a for a, b in zip(keeps, keeps[1:])):
-            raise ValueError(
-                f"{self.name}: keep {keeps} must not increase: each value is the fraction of the original patch "
-                "tokens still present after that selector (decisions multiply across stages)"
-            )
+        # hierarchical models (PiT) describe each stage with its own ModelInfo (``info.stages``; blocks numbered
+        # across stages); a pooling layer restores the full grid, so keep rates restart and must not increase only
+        # within a stage, and each selector gets its stage's width and heads
+        at = block_stages(info)
+        for a, b, ka, kb in zip(self.blocks, self.blocks[1:], keeps, keeps[1:]):
+            if kb > ka and at[a] is at[b]:
+                raise ValueError(
+                    f"{self.name}: keep {keeps} must not increase: each value is the fraction of the original patch "
+                    "tokens still present after that selector (decisions multiply across stages)"
+                )
         self.keep = keeps
         self.keep_at = dict(zip(self.blocks, keeps))
         self.stage_of = {b: i for i, b in enumerate(self.blocks)}
         self.num_patches = info.num_patches
+        self.patches_at = {b: at[b].num_patches for b in self.blocks}
         self.num_prefix = info.num_prefix
         wanted = {str(b) for b in self.blocks}
         if not (self.module is not None and set(self.module.keys()) == wanted
-                and next(iter(self.module.values())).num_heads == info.num_heads):
-            self.module = nn.ModuleDict({str(b): MultiHeadSelector(info.dim, info.num_heads) for b in self.blocks})
+                and all(self.module[str(b)].fits(at[b].dim, at[b].num_heads) for b in self.blocks)):
+            self.module = nn.ModuleDict({str(b): MultiHeadSelector(at[b].dim, at[b].num_heads) for b in self.blocks})
         if self.checkpoint is not None:
             from ..train.checkpoint import load_method_weights
 
@@ -192,7 +215,7 @@ class TokenSelector(TokenReducer):
             score = score.masked_fill(prev <= 0, -1.0)  # padding never comes back
         n = e - p
         if self.mode == "fixed":
-            k = max(1, min(n, round(self.keep_at[layer] * self.num_patches)))
+            k = max(1, min(n, round(self.keep_at[layer] * self.patches_at[layer])))
             order = score.argsort(dim=1, descending=True)
             kept_mask = None
         else:

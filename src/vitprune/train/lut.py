@@ -2,9 +2,9 @@
 
 Learned selectors (SPViT's latency-sparsity loss, HeatViT's latency-aware stages) need the latency of a pruned
 model as a differentiable function of how many tokens each block keeps. MACs are not that function (small matmuls,
-memory traffic and per-call overheads do not scale with MACs), so the LUT is measured: ``profile_lut`` times the
-attention half (norm1 → attention → residual) and the MLP half (norm2 → MLP → residual) of a block at a set of token
-counts with exactly the code the engine runs (``TimmBlockOps``, eval mode, no autograd, the inference fast path),
+memory traffic and per-call overheads do not scale with MACs), so the LUT is measured: ``profile_lut`` times
+the attention half (norm1 → attention → residual) and the MLP half (norm2 → MLP → residual) of a block at a set of
+token counts with exactly the code the engine runs (``TimmBlockOps``, eval mode, no autograd, the inference fast path),
 plus the token-count independent rest of the model (patch/position embedding, final norm, head) and optionally a
 token selector. ``LatencyLUT`` interpolates piecewise-linearly between the measured counts, so a soft (fractional,
 tensor) keep count gets a latency with a gradient, and ``latency_sparsity_loss`` turns a latency budget into a loss.
@@ -35,7 +35,7 @@ from ..methods.base import ModelInfo
 FORMAT = "vitprune.latency_lut"
 VERSION = 1
 GRID_STEPS = 16  # the default grid measures about every N/16 tokens
-NOISY_SPREAD = 0.15  # same threshold as the bench's noisy-timing warning (interquartile range / median)
+NOISY_SPREAD = 0.15  # the bench's noisy-timing threshold, here on the median over jobs of (IQR of rounds / median)
 
 Count = Union[float, int, Tensor]
 Progress = Callable[[int, int, str], None]  # (done, total, what is being timed)
@@ -217,7 +217,8 @@ class LatencyLUT:
 
     def _check_block(self, block: int) -> int:
         if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.depth:
-            raise ValueError(f"block must be an int in 0..{self.depth - 1} (this LUT has {self.depth} blocks), got {block!r}")
+            raise ValueError(f"block must be an int in 0..{self.depth - 1} (this LUT has {self.depth} blocks), "
+                             f"got {block!r}")
         return block
 
     def attn_cost_ms(self, block: int, n: Count) -> Tensor:
@@ -283,7 +284,8 @@ class LatencyLUT:
         its latencies would silently be wrong for this one."""
         if isinstance(info, nn.Module):
             if not is_timm_vit(info):
-                raise ValueError(f"check_model takes a ModelInfo or a timm VisionTransformer, got {type(info).__name__}")
+                raise ValueError(f"check_model takes a ModelInfo or a timm VisionTransformer, "
+                                 f"got {type(info).__name__}")
             info = model_info(info)
         have = {"depth": info.depth, "dim": info.dim, "num_heads": info.num_heads, "num_tokens": info.num_tokens}
         lut = {"depth": self.depth, "dim": self.meta.get("dim"), "num_heads": self.meta.get("num_heads"),
@@ -426,6 +428,12 @@ def profile_lut(
     prediction is comparable with measured throughput. The stored curves are isotonic fits of the medians
     (:func:`monotone_fit`); the medians themselves are kept as ``*_raw``. The caller's model is neither moved nor
     left in another mode (a converted copy is profiled when it lives on another device/dtype).
+
+    The blocks' rows cost only the blocks: what a method does between them (scoring, top-k, gathers, packing) is
+    not in them. For a learned selector, pass as ``selector`` a module doing everything its inference does at a
+    block (score, choose, gather) so that cost is in the table too. Where a device is launch-bound (a GPU at a
+    small batch), the curve is flat at low counts: fewer tokens there buy no time, and the slope (the loss's
+    gradient) is zero there.
     """
     if not is_timm_vit(model):
         raise ValueError(f"profile_lut needs a timm VisionTransformer, got {type(model).__name__}; "
@@ -536,9 +544,10 @@ def profile_lut(
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     import timm
 
-    max_spread = max(spreads) if spreads else None
+    typical_spread = statistics.median(spreads) if spreads else None
     meta: dict[str, Any] = {
-        "model": model_name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__,
+        "model": model_name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        or type(model).__name__,
         "depth": info.depth, "dim": info.dim, "num_heads": info.num_heads, "num_prefix": info.num_prefix,
         "grid": list(info.grid), "num_tokens": n_full, "mlp_ratio": info.mlp_ratio,
         "device": str(dev), "device_name": device_name, "cpu": _cpu_name(),
@@ -554,8 +563,9 @@ def profile_lut(
         "curve": "isotonic (least-squares non-decreasing) fit of the per-count medians; medians under 'raw'",
         "fixed_parts_ms": {"patch_pos_embed": prefix_ms, "final_norm_head_at_N": suffix_ms},
         "selector": None if sel is None else type(sel).__name__,
-        "max_round_spread": max_spread,
-        "noisy": bool(max_spread is not None and max_spread > NOISY_SPREAD),
+        "round_spread": {"median": typical_spread, "max": max(spreads) if spreads else None,
+                         "what": "interquartile range of the rounds / median, over the timed (part, count) jobs"},
+        "noisy": bool(typical_spread is not None and typical_spread > NOISY_SPREAD),
         "profile_seconds": round(time.perf_counter() - start, 1),
     }
     return LatencyLUT(
@@ -586,16 +596,24 @@ class LUTCheck:
         return self.measured_speedup / self.predicted_speedup - 1
 
 
+def default_check_specs(depth: int) -> list[str]:
+    """The engine without reduction (the baseline) and EViT at keep 0.7/0.5 at depth/4, depth/2, 3·depth/4
+    (blocks 3, 6, 9 of a 12-block ViT): a pruning method whose own ops are cheap, like a learned selector's."""
+    blocks = f"({depth // 4},{depth // 2},{3 * depth // 4})"
+    return ["tome:r=0", f"evit:keep=0.7,blocks={blocks}", f"evit:keep=0.5,blocks={blocks}"]
+
+
 def check_lut(
     lut: LatencyLUT,
     model: nn.Module,
-    specs: Sequence[str] = ("tome:r=0", "evit:keep=0.7,blocks=(3,6,9)", "evit:keep=0.5,blocks=(3,6,9)"),
+    specs: Sequence[str] | None = None,
     *,
     rounds: int = 5,
     min_round_time: float = 0.5,
 ) -> list[LUTCheck]:
     """Time real forwards of ``model`` patched with each spec (round-robin, the LUT's batch/threads/dtype/device)
-    and compare with the LUT's prediction at the token counts the engine actually ran. The first spec is the
+    and compare with the LUT's prediction at the token counts the engine actually ran (default specs:
+    :func:`default_check_specs`). The first spec is the
     baseline for speedups (``tome:r=0``: the engine without reduction, which is what ``full_ms`` models); a last
     row ``unpatched`` is timm's own forward, for reference. The reduction ops themselves (top-k, gathers,
     matching) are not in the LUT, so methods with costly ones (ToMe) are predicted too fast.
@@ -604,6 +622,7 @@ def check_lut(
     from ..measure.speed import interleaved_throughput
     from ..specs import parse_method_spec
 
+    specs = default_check_specs(lut.depth) if specs is None else list(specs)
     if not specs:
         raise ValueError("give at least one method spec (the first is the baseline, e.g. 'tome:r=0')")
     lut.check_model(model)
