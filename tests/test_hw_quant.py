@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import vitprune
+from conftest import make_vit
 from vitprune.hw import PolyGELU, QuantLinear, calibrate, dequantize, quantize
 from vitprune.hw.quant import fake_quant, to_int
 
@@ -152,3 +153,29 @@ def test_testbed_accuracy_int8_poly(testbed_assets):
     print(f"testbed top-1 (500 images): fp32 {fp32:.3f}, int8 per-tensor + poly GELU {int8:.3f}")
     # measured: fp32 0.794, int8 0.796, int8 per-channel 0.798, int8 + poly 0.794
     assert abs(int8 - fp32) <= 0.02
+
+
+def test_poly_softmax_runs_in_the_engine_attention_and_dequantize_removes_it():
+    import vitprune
+    from vitprune.attention import EXP_ATTR
+    from vitprune.hw.quant import dequantize, quantize
+
+    model = make_vit("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    quantize(model, poly=True)
+    assert all(hasattr(b.attn, EXP_ATTR) for b in model.blocks)
+    vitprune.patch(model, "tome", r=0)  # the engine runs attention, so the polynomial softmax is used
+    seen = []
+    real = getattr(model.blocks[0].attn, EXP_ATTR)
+    setattr(model.blocks[0].attn, EXP_ATTR, lambda t: seen.append(1) or real(t))
+    with torch.no_grad():
+        out = model(x)
+    assert seen, "the engine did not call the polynomial exp"
+    assert (out - ref).abs().max() < 0.5  # int8 + polynomials: close, not equal
+    vitprune.unpatch(model)
+    dequantize(model)
+    assert not any(EXP_ATTR in vars(m) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=0, rtol=0)

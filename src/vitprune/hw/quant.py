@@ -4,7 +4,8 @@ What is quantized: every ``nn.Linear`` (qkv, proj, fc1, fc2, the head) is replac
 quantizes its *input* activation per tensor and its weight per tensor or per output channel to int8, with scales
 that are powers of two (``scale = 2^-k``, k an integer: requantization is a shift). The patch-embedding conv,
 LayerNorm, residual adds, the attention matmuls (q·kᵀ, attn·v inside the fused SDPA) and softmax stay float.
-With ``poly=True`` every ``nn.GELU`` becomes ``PolyGELU`` (I-BERT polynomial).
+With ``poly=True`` every ``nn.GELU`` becomes ``PolyGELU`` (I-BERT polynomial), and every attention module gets the
+polynomial exp for its softmax (``attention.EXP_ATTR``), which the engine's attention uses on patched models.
 
 Exact int32 accumulation, simulated: inputs and weights are snapped to their integer grids
 (``x_q = clamp(round(x / s_x), -128, 127)·s_x``, same for w), the bias to the int32 grid of ``s_x·s_w``, and the
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .poly import PolyGELU
+from ..attention import EXP_ATTR
+from .poly import PolyGELU, poly_exp
 
 QMIN, QMAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -166,9 +168,18 @@ def quantize(model: nn.Module, *, per_channel: bool = False, poly: bool = False,
         return None
 
     _swap(model, make)
+    if poly:  # the softmax too: the engine's attention reads this hook (a patched model; use r=0 for no reduction)
+        for module in _attention_modules(model):
+            setattr(module, EXP_ATTR, poly_exp)
     if calibration is not None:
         calibrate(model, calibration)
     return model
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules the backends run attention for (timm ``Attention``; HF self-attention blocks)."""
+    return [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and (hasattr(m, "num_heads") or hasattr(m, "attention"))]
 
 
 def calibrate(model: nn.Module, batches: Iterable, *, reset: bool = True) -> nn.Module:
@@ -204,8 +215,11 @@ def dequantize(model: nn.Module) -> nn.Module:
         return None
 
     _swap(model, make)
+    for module in model.modules():
+        if EXP_ATTR in vars(module):
+            delattr(module, EXP_ATTR)
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, PolyGELU)) for m in model.modules())
+    return any(isinstance(m, (QuantLinear, PolyGELU)) or EXP_ATTR in vars(m) for m in model.modules())
