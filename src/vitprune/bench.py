@@ -6,7 +6,8 @@ Speedups are against the unpatched model measured in the same run: all configura
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +60,10 @@ class BenchSettings:
     eval_batch_size: int = 256
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    runtime: str = "pytorch"  # "onnxruntime": also each configuration exported to ONNX, in ORT fp32 and int8
+
+
+RUNTIMES = ("pytorch", "onnxruntime")
 
 
 @dataclass
@@ -92,6 +97,7 @@ def run_bench(
     The same model object is patched and unpatched for each spec, so no weights are copied.
     """
     step = on_step or (lambda _msg: None)
+    check_runtime(settings.runtime, settings.device, settings.dtype)
     model = model.to(device=settings.device, dtype=settings.dtype).eval()
     example = example.to(device=settings.device, dtype=settings.dtype)
     configs = [("none", {})] + [parse_method_spec(s) for s in specs]
@@ -117,17 +123,27 @@ def run_bench(
                              macs_ratio=1.0, top1=top1, tokens_per_layer=tokens,
                              extra={"spec": label, "tokens_mlp": tokens_mlp}))
     _configure(model, "none", {})
+    ort = []  # (configuration index, row, session) for ONNX Runtime rows
+    if settings.runtime == "onnxruntime":
+        ort = _onnxruntime_rows(model, configs, rows, data, settings, example, step)
 
     if settings.measure_speed:
         step("speed (all configurations, interleaved)")
-        setups = [lambda n=name, c=config: _configure(model, n, c) for name, config in configs]
-        speeds = interleaved_throughput(model, _speed_batch(example, settings.batch_size), setups,
+        runner = _Runner(model)
+        setups = [runner.setup(model, lambda n=name, c=config: _configure(model, n, c)) for name, config in configs]
+        setups += [runner.setup(session) for _, _, session in ort]
+        speeds = interleaved_throughput(runner, _speed_batch(example, settings.batch_size), setups,
                                         threads=settings.threads, rounds=settings.rounds)
         _configure(model, "none", {})
-        for row, sp in zip(rows, speeds):
+        for row, sp in zip(rows + [row for _, row, _ in ort], speeds):
             row.img_per_s = sp.img_per_s
             row.extra["latency_ms"] = sp.latency_ms_median
             row.extra["latency_iqr_ms"] = sp.latency_ms_iqr
+    if ort:  # each configuration's rows together: PyTorch, ORT fp32, ORT int8
+        grouped = [[row] for row in rows]
+        for i, row, _ in ort:
+            grouped[i].append(row)
+        rows = [row for group in grouped for row in group]
     base = rows[0]
     for row in rows:
         row.macs_ratio = base.gmacs / row.gmacs
@@ -147,6 +163,11 @@ def run_bench(
         "speed": f"torch.utils.benchmark, median of {settings.rounds} interleaved rounds per configuration",
         "noisy_timings": noisy_timings(rows),
     }
+    if ort:
+        import onnxruntime
+
+        meta["runtime"] = (f"PyTorch and ONNX Runtime {onnxruntime.__version__} (CPU, {settings.threads} intra-op "
+                           "threads): fp32, and dynamic int8 (MatMul/Gemm weights int8, activations uint8 per batch)")
     return BenchResult(rows=rows, meta=meta)
 
 
@@ -155,7 +176,7 @@ NOISY_IQR = 0.15  # interquartile range of the round times, relative to the medi
 
 def noisy_timings(rows: list[BenchRow]) -> list[str]:
     """Configurations whose round-to-round spread says the machine was busy while timing them."""
-    return [r.extra["spec"] for r in rows
+    return [r.extra["spec"] + (f" ({r.extra['runtime']})" if "runtime" in r.extra else "") for r in rows
             if r.extra.get("latency_ms") and r.extra["latency_iqr_ms"] / r.extra["latency_ms"] > NOISY_IQR]
 
 
@@ -180,6 +201,65 @@ def _configure(model: nn.Module, name: str, config: dict[str, Any]) -> None:
             patching.unpatch(model)
     else:
         patching.patch(model, name, **config)
+
+
+def check_runtime(runtime: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """One ValueError for a runtime the bench cannot run (ONNX Runtime rows are CPU, exported from fp32)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and (device != "cpu" or dtype != torch.float32):
+        raise ValueError("the onnxruntime rows run on the CPU from an fp32 export; use --device cpu --dtype fp32")
+
+
+class _Runner:
+    """What the speed loop calls: the PyTorch model (patched per configuration) or an ONNX Runtime session."""
+
+    def __init__(self, target: Callable[[torch.Tensor], Any]) -> None:
+        self.target = target
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.target(x)
+
+    def setup(self, target: Callable[[torch.Tensor], Any], configure: Callable[[], None] = lambda: None):
+        def apply() -> None:
+            configure()
+            self.target = target
+
+        return apply
+
+
+def _onnxruntime_rows(
+    model: nn.Module, configs: list[tuple[str, dict[str, Any]]], rows: list[BenchRow], data: Any | None,
+    settings: BenchSettings, example: torch.Tensor, step: Callable[[str], None],
+) -> list[tuple[int, BenchRow, nn.Module]]:
+    """(configuration index, row, session) for every configuration exported to ONNX and run in ORT fp32 and int8.
+
+    Also labels the PyTorch rows, so the three runtimes of a configuration read apart in one table.
+    """
+    from .hw.onnx_export import OrtModule, export_onnx, ort_session, quantize_dynamic_int8
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="vitprune-onnx-") as tmp:
+        for i, ((name, config), row) in enumerate(zip(configs, rows)):
+            label = row.extra["spec"]
+            _configure(model, name, config)
+            step(f"{label}: ONNX export and int8 quantization")
+            fp32 = export_onnx(model, Path(tmp) / f"{i}.onnx", sample=_speed_batch(example, settings.batch_size))
+            int8 = quantize_dynamic_int8(fp32, Path(tmp) / f"{i}.int8.onnx")
+            for precision, path in (("fp32", fp32), ("int8", int8)):
+                session = OrtModule(ort_session(path, settings.threads))  # loaded into memory: tmp may go
+                top1 = None
+                if data is not None:
+                    step(f"{label}: ORT {precision} accuracy")
+                    top1 = evaluate(session, data, batch_size=settings.eval_batch_size, progress=False).top1
+                ort_row = replace(row, config=f"{row.config} · ORT {precision}", top1=top1,
+                                  tokens_per_layer=list(row.tokens_per_layer),
+                                  extra={**row.extra, "runtime": f"onnxruntime {precision}"})
+                out.append((i, ort_row, session))
+            row.config += " · PyTorch"
+            row.extra["runtime"] = "pytorch"
+    _configure(model, "none", {})
+    return out
 
 
 def _speed_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -56,13 +56,20 @@ def bench(
     dtype: DType = typer.Option(DType.fp32, help="Compute dtype."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Folder for bench.csv, bench.json and pareto.png. Default: results/bench/<model>."),
+    runtime: str = typer.Option("pytorch", help="'pytorch', or 'onnxruntime': each configuration also exported to ONNX "
+                                "and run in ONNX Runtime fp32 and dynamic int8 (CPU, --threads), rows in the same "
+                                "table and round-robin timing."),
 ) -> None:
     """Measure GMACs, img/s (speedup vs unpatched, same run), top-1 and tokens per block for several methods."""
-    from .bench import NOISY_IQR, BenchSettings, accuracy_at_cost, default_specs, run_bench, save_outputs
+    from .bench import NOISY_IQR, BenchSettings, accuracy_at_cost, check_runtime, default_specs, run_bench, save_outputs
     from .measure.data import image_transform_for, load_dataset
     from .measure.report import print_table
     from .models import TESTBED_NAMES, create_model
 
+    try:
+        check_runtime(runtime, device, DTYPES[dtype])
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
     net = create_model(model, checkpoint=checkpoint, pretrained=pretrained)
     if data is None and accuracy and model.lower().removeprefix("hf:") in TESTBED_NAMES:
         data = "testbed"
@@ -80,8 +87,10 @@ def bench(
         example = torch.randn(batch_size, in_chans, *size)
     specs = list(method) if method else default_specs(net.patch_embed.num_patches, suite)
     settings = BenchSettings(batch_size=batch_size, threads=threads, rounds=rounds,
-                             measure_speed=speed, dtype=DTYPES[dtype], device=device)
-    steps = (len(specs) + 1) * (1 + (dataset is not None)) + speed
+                             measure_speed=speed, dtype=DTYPES[dtype], device=device, runtime=runtime)
+    has_data = dataset is not None
+    per_config = 1 + has_data + (runtime == "onnxruntime") * (1 + 2 * has_data)  # MACs, accuracy; export, ORT accuracy
+    steps = (len(specs) + 1) * per_config + speed
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("bench", total=steps)
@@ -182,7 +191,7 @@ def lut(
     from rich.table import Table
 
     from .models import create_model
-    from .train.lut import check_lut, profile_lut
+    from .train.lut import check_lut, default_check_specs, profile_lut
 
     net = create_model(model, shared_weights=False)
     if counts in ("grid", "all"):
@@ -200,8 +209,14 @@ def lut(
         def on_step(done: int, total: int, what: str) -> None:
             progress.update(task, completed=done, total=total, description=what)
 
+        from .backends.timm import model_info
+        from .methods.selector import MultiHeadSelector
+
+        info = model_info(net)  # a selector is timed too, so latency-aware selector training can read its cost
         table = profile_lut(net, batch_size=batch_size, threads=threads, dtype=DTYPES[dtype], device=device,
-                            counts=count_arg, per_block=per_block, rounds=rounds, model_name=model, progress=on_step)
+                            counts=count_arg, per_block=per_block, rounds=rounds, model_name=model, progress=on_step,
+                            selector=MultiHeadSelector(info.dim, info.num_heads).eval()
+                            if info.num_heads >= 2 and info.dim // info.num_heads >= 8 else None)
     elapsed = time.perf_counter() - start
     meta = table.meta
     shown = "mean over blocks" if per_block else "every block"
@@ -221,15 +236,13 @@ def lut(
                   f"predicted unpruned total: {full:.1f} ms per batch = {batch_size / full * 1e3:.1f} img/s "
                   f"({depth} blocks at {table.num_tokens} tokens); profiled in {elapsed:.0f} s")
     if meta.get("noisy"):
-        console.print(f"[yellow]timings are noisy (round-to-round spread up to {meta['max_round_spread']:.0%} of the "
-                      "median): was the machine busy? Re-run with more --rounds on an idle machine.[/]")
+        console.print(f"[yellow]timings are noisy (typical round-to-round spread {meta['round_spread']['median']:.0%} "
+                      "of the median): was the machine busy? Re-run with more --rounds on an idle machine.[/]")
     path = out or Path("results") / "lut" / f"{model.replace('/', '_')}.json"
     table.save(path)
     console.print(f"wrote {path}")
     if check:
-        q = [depth // 4, depth // 2, 3 * depth // 4]
-        specs = list(method) if method else [
-            "tome:r=0", f"evit:keep=0.7,blocks=({q[0]},{q[1]},{q[2]})", f"evit:keep=0.5,blocks=({q[0]},{q[1]},{q[2]})"]
+        specs = list(method) if method else default_check_specs(depth)
         with console.status("timing real forwards for --check"):
             rows = check_lut(table, net, specs, rounds=rounds)
         view = Table(title=f"LUT prediction vs measured (speedups vs {specs[0]})")
@@ -437,6 +450,48 @@ def train(
     )
     run_training(cfg, console=console, multi_stage=multi_stage, val_data=val_data or None, val_limit=val_limit,
                  label=format_method_spec(name, config))
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
+    model: str = typer.Option("testbed", help="'testbed' (shared Fashion-MNIST ViT), 'dinov2_vits14' or a timm name."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local .safetensors/.pth weights, loaded strictly."),
+    method: str = typer.Option("none", "--method", "-m", help="Method spec with fixed token counts per block, e.g. "
+                               "tome:r=13 or 'evit:keep=0.7,blocks=(3,6,9)'; 'none' exports the unpatched model."),
+    int8: bool = typer.Option(False, "--int8", help="Also write <out>.int8.onnx: ONNX Runtime dynamic int8 "
+                              "(MatMul/Gemm weights int8, activations uint8 per batch)."),
+    batch_size: int = typer.Option(2, help="Images in the example batch (compared PyTorch vs ONNX Runtime)."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Symbolic batch axis, or fixed "
+                                       "to --batch-size."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
+    threads: int = typer.Option(2, help="ONNX Runtime threads for the check."),
+) -> None:
+    """Export a model (patched with a fixed-count method, or not) to ONNX; check it and compare ORT with PyTorch."""
+    from . import patching
+    from .hw.onnx_export import (OrtModule, example_input, export_onnx, file_size, max_abs_diff, onnx_opset,
+                                 ort_session, quantize_dynamic_int8)
+    from .models import create_model
+    from .specs import parse_method_spec
+
+    try:
+        name, config = parse_method_spec(method)
+        net = create_model(model, checkpoint=checkpoint)
+        if name != "none":
+            patching.patch(net, name, **config)
+        x = example_input(net, batch_size)
+        path = export_onnx(net, out, sample=x, opset=opset, dynamic_batch=dynamic_batch)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    batch = "dynamic" if dynamic_batch else batch_size
+    console.print(f"onnx.checker: passed (opset {onnx_opset(path)}, batch {batch})")
+    targets = [("fp32", path)]
+    if int8:
+        targets.append(("int8", quantize_dynamic_int8(path, path.with_name(path.stem + ".int8.onnx"))))
+    for precision, file in targets:
+        diff = max_abs_diff(net, OrtModule(ort_session(file, threads)), x)
+        console.print(f"{precision}: {file}  {file_size(file) / 2**20:.1f} MiB  PyTorch vs ONNX Runtime max |diff| "
+                      f"{diff:.2e} on {x.shape[0]} images")
 
 
 def main() -> None:  # pragma: no cover

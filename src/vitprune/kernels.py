@@ -17,7 +17,8 @@ _local = threading.local()
 
 
 def fast_path_enabled(module: nn.Module) -> bool:
-    return not torch.is_grad_enabled() and not module.training
+    # in-place writes into a reused buffer cannot be traced by torch.export / the ONNX exporter
+    return not torch.is_grad_enabled() and not module.training and not torch.compiler.is_exporting()
 
 
 def workspace(key: str, rows: int, cols: int, like: Tensor) -> Tensor:

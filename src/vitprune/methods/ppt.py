@@ -187,14 +187,16 @@ class PPT(TokenReducer):
                 stat = policy_statistic(score, self.policy == "adaptive_invariant", self.ref_tokens)
                 pooled = stat < self.threshold
                 trace.note("ppt_var", layer, stat)
-                n_pool = int(pooled.sum())
+                # Skipping the branch no image takes reads this batch's data in Python; an exported graph must
+                # fit any input, so under export both branches run (n_pool = -1: unknown) and _select picks.
+                n_pool = -1 if torch.compiler.is_exporting() else int(pooled.sum())
         trace.note("ppt_policy", layer, pooled)
 
         pool_state = prune_state = None
-        if n_pool > 0:
+        if n_pool != 0:
             merge, layout = bipartite_soft_matching(scores.mean_keys, r, p)
             pool_state = merge_tokens(state, merge, layout)
-        if n_pool < b:
+        if n_pool != b:
             prune_state = gather_tokens(state, prune_indices(score, state.num_patches - r, p))
         if prune_state is None:
             return pool_state

@@ -409,6 +409,11 @@ class ToGo(TokenReducer):
         b, g = imp.shape[0], self.layout(state.grid).num_groups
         neg_inf = torch.full((b, g), -math.inf, device=imp.device, dtype=imp.dtype)
         reduce = "amax" if self.group_score == "max" else "mean"
+        if reduce == "mean" and torch.compiler.is_exporting():
+            # ONNX has no scatter-mean (the exporter silently turns it into a plain scatter): sum / count instead
+            total = torch.zeros_like(neg_inf).scatter_add(1, gid, imp)
+            count = torch.zeros_like(neg_inf).scatter_add(1, gid, torch.ones_like(imp))
+            return gid, torch.where(count > 0, total / count.clamp_min(1.0), neg_inf)
         return gid, neg_inf.scatter_reduce(1, gid, imp, reduce=reduce, include_self=False)
 
     def _select_groups(self, score: Tensor, stage: Stage, grid: tuple[int, int]) -> Tensor:
