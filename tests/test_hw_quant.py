@@ -179,3 +179,20 @@ def test_poly_softmax_runs_in_the_engine_attention_and_dequantize_removes_it():
     assert not any(EXP_ATTR in vars(m) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+
+
+def test_quantize_cli_one_table_of_precisions_and_methods(tmp_path, testbed_assets):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitprune.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", "--limit", "64", "--calib-batches", "1", "-m", "tome:r=4",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "quantize.json").read_text())["rows"]
+    assert [(r["extra"]["precision"], r["extra"]["spec"]) for r in rows] == [
+        ("fp32", "none"), ("fp32", "tome:r=4"), ("int8", "none"), ("int8", "tome:r=4"),
+        ("int8+poly", "tome:r=0"), ("int8+poly", "tome:r=4")]
+    assert all(0.0 <= r["top1"] <= 1.0 for r in rows)

@@ -494,6 +494,42 @@ def export(
                       f"{diff:.2e} on {x.shape[0]} images")
 
 
+@app.command()
+def quantize(
+    model: str = typer.Option("testbed", help="Model, as for bench."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local weights, loaded strictly."),
+    data: str = typer.Option("testbed", help="Labelled data (as for bench)."),
+    method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method specs, repeatable. Default: "
+                                               "tome:r=4 and ppt:r=16 (≈ −30/−35% MACs on the testbed)."),
+    limit: Optional[int] = typer.Option(1000, help="Evaluate on a strided subset (None: all)."),
+    calib_batches: int = typer.Option(4, help="Calibration batches of 32 images (from the start of the data)."),
+    per_channel: bool = typer.Option(False, help="Per-channel power-of-two weight scales."),
+    out: Optional[Path] = typer.Option(None, help="Folder for quantize.json. Default: results/quantize/<model>."),
+) -> None:
+    """HeatViT-style 8-bit fixed point: fp32 vs int8 vs int8 + polynomial GELU/softmax, ± token methods, one table."""
+    from .hw.precision import precision_rows
+    from .measure.data import image_transform_for, load_dataset
+    from .measure.report import print_table, write_json
+    from .models import create_model
+
+    net = create_model(model, checkpoint=checkpoint)
+    dataset = load_dataset(data, transform=image_transform_for(net), limit=limit)
+    n_cal = min(len(dataset), 32 * calib_batches)
+    images = torch.stack([dataset[i][0] for i in range(n_cal)])
+    calibration = list(images.split(32))
+    specs = list(method) if method else ["tome:r=4", "ppt:r=16"]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("quantize", total=3 * (len(specs) + 1))
+        rows = precision_rows(net, model, specs, dataset, calibration, per_channel=per_channel,
+                              on_step=lambda m: progress.update(task, advance=1, description=m))
+    print_table(rows, title=f"vitprune quantize — {model} ({len(dataset)} images, {n_cal} calibration images, "
+                f"{'per-channel' if per_channel else 'per-tensor'} weights)", console=console)
+    path = write_json(rows, (out or Path("results") / "quantize" / model.replace("/", "_").replace(":", "_"))
+                      / "quantize.json", {"model": model, "per_channel": per_channel, "n_eval": len(dataset)})
+    console.print(f"wrote {path}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
