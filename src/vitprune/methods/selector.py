@@ -25,7 +25,6 @@ padding is masked out of attention (see ``benchmarks/selector_adaptive.py`` for 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Sequence
 
@@ -318,7 +317,3 @@ def expected_tokens(keep_at: dict[int, float], depth: int, num_patches: int, num
         tokens.append(num_prefix + n + n_pack)
     return tokens
 
-
-def cumulative_keep(per_stage: Sequence[float]) -> tuple[float, ...]:
-    """Per-stage keep rates (DynamicViT's ρ = 0.7 each) → cumulative fractions of the original tokens."""
-    return tuple(math.prod(per_stage[: i + 1]) for i in range(len(per_stage)))

@@ -2,7 +2,7 @@
 
 loss = CE(student, label)                                      (skipped in label-free mode)
      + λ_ratio · mean_stages (mean(keep_i) − ρ_i)²             (fixed target ratios), or
-     + λ_latency · ((LUT latency at the soft keep counts − budget) / budget)²   (latency-sparsity loss)
+     + λ_latency · ((LUT latency at the soft keep counts − budget) / budget)²   (``lut.latency_sparsity_loss``)
      + λ_kl · KL(student ‖ teacher)                            (teacher = the same weights, unpatched, frozen)
      + λ_tok · MSE(kept final tokens, teacher's tokens at the same positions)
 Defaults are SPViT's (DESIGN §2): λ_ratio = 2.0, λ_kl = 0.5, λ_tok = 0.5.
@@ -50,7 +50,3 @@ def token_mse(student_tokens: Tensor, teacher_tokens: Tensor, keep: Tensor | Non
     keep = keep.float()
     return (diff * keep).sum() / keep.sum().clamp_min(1.0)
 
-
-def latency_sparsity_loss(predicted_ms: Tensor, budget_ms: float) -> Tensor:
-    """((predicted − budget) / budget)²: relative, so its weight means the same on any model and device."""
-    return ((predicted_ms - budget_ms) / budget_ms) ** 2
