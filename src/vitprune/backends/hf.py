@@ -28,6 +28,7 @@ from ..attention import EXP_ATTR, AttentionScores, attend, masked_softmax
 from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
+from .swap import original_class, patched_class
 
 try:
     from transformers import (DeiTForImageClassification, DeiTForImageClassificationWithTeacher, DeiTModel,
@@ -202,10 +203,6 @@ def _num_prefix(encoder: nn.Module) -> int:
     return 2 if isinstance(encoder, DeiTModel) else 1
 
 
-def _original(cls: type) -> type:
-    return _ORIGINAL.get(cls, cls)
-
-
 def is_hf_vit(model: nn.Module) -> bool:
     """A transformers ViT/DeiT/Dinov2 model (supported or not: ``check_supported`` says why not), or the adapter."""
     return isinstance(model, HFVisionModel) or isinstance(model, _FAMILY_TYPES)
@@ -214,7 +211,7 @@ def is_hf_vit(model: nn.Module) -> bool:
 def check_supported(model: nn.Module) -> None:
     """Raise one ValueError listing why this transformers model cannot be patched (if it cannot)."""
     hf = _hf(model)
-    top = _original(type(hf))
+    top = original_class(type(hf))
     if not issubclass(top, SUPPORTED):
         raise ValueError(
             f"cannot patch {top.__name__}: supported transformers classes are "
@@ -431,18 +428,6 @@ class PatchedDinov2Classifier:
 
 # ---- patching ----------------------------------------------------------------------------------------------
 
-_CLASS_CACHE: dict[type, type] = {}
-_ORIGINAL: dict[type, type] = {}
-
-
-def patched_class(cls: type, mixin: type) -> type:
-    if cls not in _CLASS_CACHE:
-        new = type(f"VitPrune{cls.__name__}", (mixin, cls), {})
-        _CLASS_CACHE[cls] = new
-        _ORIGINAL[new] = cls
-    return _CLASS_CACHE[cls]
-
-
 def _swapped(model: nn.Module) -> list[tuple[nn.Module, type]]:
     """The modules whose class is swapped, each with its mixin: the encoder, and a Dinov2 classifier."""
     hf = _hf(model)
@@ -462,7 +447,7 @@ def apply(model: nn.Module, ctx: PatchContext) -> None:
 
 def restore(model: nn.Module) -> None:
     for module, _ in _swapped(model):
-        module.__class__ = _original(type(module))
+        module.__class__ = original_class(type(module))
         module.__dict__.pop(INNER_ATTR, None)
     model.__class__ = model._vitprune.original_class
     del model._vitprune

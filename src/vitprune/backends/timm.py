@@ -16,6 +16,7 @@ from ..engine import PatchContext, run_blocks
 from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
+from .swap import swap_in, swap_out
 
 try:  # timm is a hard dependency, but keep the import error readable
     from timm.layers.attention import Attention as TimmAttention
@@ -177,20 +178,9 @@ class PatchedVisionTransformer:
         )
 
 
-_CLASS_CACHE: dict[type, type] = {}
-
-
-def patched_class(cls: type) -> type:
-    if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"VitPrune{cls.__name__}", (PatchedVisionTransformer, cls), {})
-    return _CLASS_CACHE[cls]
-
-
 def apply(model: nn.Module, ctx: PatchContext) -> None:
-    model._vitprune = ctx
-    model.__class__ = patched_class(type(model))
+    swap_in(model, ctx, PatchedVisionTransformer)
 
 
 def restore(model: nn.Module) -> None:
-    model.__class__ = model._vitprune.original_class
-    del model._vitprune
+    swap_out(model)

@@ -27,6 +27,7 @@ from ..attention import AttentionScores
 from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, TokenReducer, Trace
 from ..tokens import PACKAGE_INDEX, TokenState
+from .swap import swap_in, swap_out
 from .timm import TimmBlockOps
 
 try:
@@ -225,20 +226,9 @@ class PatchedPoolingVisionTransformer:
         )
 
 
-_CLASS_CACHE: dict[type, type] = {}
-
-
-def patched_class(cls: type) -> type:
-    if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"VitPrune{cls.__name__}", (PatchedPoolingVisionTransformer, cls), {})
-    return _CLASS_CACHE[cls]
-
-
 def apply(model: nn.Module, ctx: PatchContext) -> None:
-    model._vitprune = ctx
-    model.__class__ = patched_class(type(model))
+    swap_in(model, ctx, PatchedPoolingVisionTransformer)
 
 
 def restore(model: nn.Module) -> None:
-    model.__class__ = model._vitprune.original_class
-    del model._vitprune
+    swap_out(model)

@@ -1,0 +1,38 @@
+"""The class swap every backend patches with (ToMe style): a module keeps its parameters and submodules and only
+gets a subclass that puts a mixin in front of its own class. One cache serves all backends, so a class is
+subclassed once per mixin, and the original class of a swapped one can always be recovered."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..engine import PatchContext
+
+_PATCHED: dict[tuple[type, type], type] = {}
+_ORIGINAL: dict[type, type] = {}
+
+
+def patched_class(cls: type, mixin: type) -> type:
+    """``cls`` with ``mixin`` in front, named ``VitPrune<cls>`` (created once, then reused)."""
+    key = (cls, mixin)
+    if key not in _PATCHED:
+        new = type(f"VitPrune{cls.__name__}", (mixin, cls), {})
+        _PATCHED[key] = new
+        _ORIGINAL[new] = cls
+    return _PATCHED[key]
+
+
+def original_class(cls: type) -> type:
+    """The class a swapped class was made from (``cls`` itself if it was never swapped)."""
+    return _ORIGINAL.get(cls, cls)
+
+
+def swap_in(model: nn.Module, ctx: PatchContext, mixin: type) -> None:
+    """Attach the patch context and swap the model's own class."""
+    model._vitprune = ctx
+    model.__class__ = patched_class(type(model), mixin)
+
+
+def swap_out(model: nn.Module) -> None:
+    """Undo :func:`swap_in`: the class the model had before patching, and no context."""
+    model.__class__ = model._vitprune.original_class
+    del model._vitprune
