@@ -26,25 +26,12 @@ def keeps(rho: float) -> tuple[float, ...]:
     return (rho, rho, rho * rho, rho)
 
 
-def gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """count_macs with parameters frozen: timm's PiT passes a view of cls_token into its pooling module, which under
-    no_grad still says requires_grad and trips torch's module tracker (same ops counted either way)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        return count_macs(model, x).gmacs
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def find_rho(model: torch.nn.Module, x: torch.Tensor, target: float) -> float:
     lo, hi = 0.05, 1.0
     for _ in range(14):
         mid = (lo + hi) / 2
         vitprune.patch(model, "spvit", keep=keeps(mid), blocks=BLOCKS)
-        if gmacs(model, x) > target:
+        if count_macs(model, x).gmacs > target:
             hi = mid
         else:
             lo = mid
@@ -65,11 +52,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
     one = torch.randn(1, 3, 224, 224)
-    base = gmacs(model, one)
+    base = count_macs(model, one).gmacs
     rho = args.rho if args.rho is not None else find_rho(model, one, args.target_gmacs)
     method = vitprune.create_method("spvit", keep=keeps(rho), blocks=BLOCKS)  # one object: same selectors each round
     vitprune.patch(model, method)
-    pruned = gmacs(model, one)
+    pruned = count_macs(model, one).gmacs
     tokens = vitprune.last_trace(model).tokens_attn
     vitprune.unpatch(model)
 

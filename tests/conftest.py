@@ -9,6 +9,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models on a shared 2-core machine: one thread avoids OpenMP spin-waits (much faster under load).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_vit(name: str = "deit_tiny_patch16_224", **kwargs):
     """A random-init timm model in eval mode (no hub access needed)."""
     import timm

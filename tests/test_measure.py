@@ -183,3 +183,15 @@ def test_testbed_full_accuracy_matches_stated_top1() -> None:
     res = evaluate(model, load_dataset(assets.testbed_paths().test), progress=False)
     assert res.n == 5000
     assert res.top1 == pytest.approx(assets.testbed_stated_top1(), abs=0.0005)
+
+
+def test_count_macs_restores_requires_grad_and_modes():
+    from conftest import make_vit
+    from vitprune.measure.flops import count_macs
+
+    model = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).train()
+    model.blocks[0].requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    count_macs(model, torch.randn(1, 3, 32, 32))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert model.training

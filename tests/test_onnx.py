@@ -23,13 +23,7 @@ from conftest import make_vit  # noqa: E402
 TOL = 1e-4  # fp32: PyTorch and ORT differ only in summation order (observed ~1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit():

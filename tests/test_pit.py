@@ -20,19 +20,6 @@ def pit(name: str = "pit_ti_224", **kwargs):
     return make_vit(name, **kwargs)
 
 
-def unpatched_macs(model, x) -> float:
-    """count_macs on an unpatched PiT: timm passes a view of cls_token into the pooling module, which under no_grad
-    still says requires_grad and trips torch's module tracker; frozen parameters avoid that (same ops counted)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        return count_macs(model, x).macs
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 @pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
 def test_reduction_off_equals_unpatched(name):
     model = pit(name)
@@ -73,7 +60,7 @@ def test_token_counts_per_stage_follow_the_schedule(method, packages):
 def test_macs_counted_from_executed_ops_drop_as_planned():
     model = pit()
     x = torch.randn(1, 3, 224, 224)
-    base = unpatched_macs(model, x)
+    base = count_macs(model, x).macs  # unpatched PiT: count_macs freezes parameters while counting
     vitprune.patch(model, "spvit", **SCHEDULE)
     macs = count_macs(model, x).macs
     tokens = vitprune.last_trace(model).tokens_attn

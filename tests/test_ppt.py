@@ -14,13 +14,7 @@ from vitprune.methods.ppt import clamp_r, policy_statistic, pooled_fraction
 from conftest import make_vit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared 2-core machine: one thread avoids OpenMP spin-waits (much faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assets_or_skip():

@@ -38,21 +38,26 @@ class MacsCount:
 def count_macs(model: nn.Module, example: torch.Tensor) -> MacsCount:
     """Count MACs per image of ``model(example)`` under ``torch.no_grad()`` in eval mode.
 
-    Modules' train/eval flags are restored afterwards. For data-dependent methods the result is the
-    batch mean, so pass a representative batch.
+    Modules' train/eval flags and parameters' ``requires_grad`` are restored afterwards. Parameters are frozen while
+    counting: some models (timm's PiT) pass a view of a parameter into a submodule, which under no_grad still says
+    ``requires_grad`` and trips the flop counter's module tracker; the ops counted are the same either way.
+    For data-dependent methods the result is the batch mean, so pass a representative batch.
     """
     if example.ndim < 1 or example.shape[0] == 0:
         raise ValueError("example must be a non-empty batch, e.g. torch.randn(1, 3, 224, 224)")
     batch = int(example.shape[0])
     modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
     counter = FlopCounterMode(display=False)
     try:
-        model.eval()
+        model.eval().requires_grad_(False)
         with torch.no_grad(), counter:
             model(example)
     finally:
         for m, training in modes.items():
             m.training = training
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
     per_op = {
         str(op).removeprefix("aten."): flops / 2 / batch
         for op, flops in counter.get_flop_counts().get("Global", {}).items()
