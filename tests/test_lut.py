@@ -244,5 +244,12 @@ def test_cli_lut_on_testbed_architecture(tmp_path):
     lut.check_model(create_model("testbed", shared_weights=False))
     assert "predicted unpruned total" in result.output and "block ms" in result.output
     assert "measured speedup" in result.output and "evit:keep=0.5" in result.output
+    assert lut.meta["selector"] == "SelectionStep"  # the whole selection (score, top-k, gather, package) is timed
     bad = CliRunner().invoke(app, ["lut", "--model", "testbed", "--counts", "1,x", "--out", str(out)])
     assert bad.exit_code != 0
+    # --table: check the LUT a model was trained against, without profiling a new one
+    again = CliRunner().invoke(app, ["lut", "--model", "testbed", "--check", "--table", str(out), "--rounds", "1",
+                                     "-m", "tome:r=0", "-m", "heatvit:keep=(0.5,0.3,0.2)"])
+    assert again.exit_code == 0, again.output
+    assert "measured speedup" in again.output and "block ms" not in again.output
+    assert CliRunner().invoke(app, ["lut", "--model", "testbed", "--table", str(out)]).exit_code != 0

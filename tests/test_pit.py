@@ -167,3 +167,26 @@ def test_swin_raises_with_the_reason():
         vitprune.patch(model, "spvit")
     assert "window-level pruning" in str(err.value)
     assert not vitprune.is_patched(model)
+
+
+def test_vitprune_train_on_pit_writes_selectors_that_load(tmp_path, testbed_assets):
+    """`vitprune train` on PiT: a real (two-step) selector run on ImageNet images, then `vitprune.load`."""
+    import json
+
+    from vitprune.assets import assets_dir
+    from vitprune.train.loop import TrainConfig, train
+
+    data = assets_dir() / "imagenet_val1300" / "dataset.txt"
+    if not data.exists():
+        pytest.skip(f"{data} is missing")
+    torch.manual_seed(0)
+    out = tmp_path / "pit"
+    result = train(TrainConfig(method="spvit", model="pit_ti_224", data=str(data), limit=4, batch_size=2, steps=2,
+                               warmup_steps=1, progress=False, log_every=1, out=str(out)))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert "tokens" not in log[-1]  # PiT's forward_features returns only CLS: no token-by-token term
+    model = vitprune.load("pit_ti_224", out)
+    assert model._vitprune.method.name == "spvit"
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)

@@ -8,7 +8,7 @@ import vitprune
 from vitprune.attention import masked_softmax
 from vitprune.measure.flops import count_macs
 from vitprune.methods.base import TokenReducer
-from vitprune.methods.selector import expected_tokens, gumbel_keep, package, selector_macs
+from vitprune.methods.selector import expected_tokens, gumbel_keep, package, selector_macs, topk_keep
 from vitprune.tokens import PACKAGE_INDEX, TokenState
 
 from conftest import make_vit
@@ -24,6 +24,32 @@ def test_gumbel_decisions_are_hard_and_carry_gradient():
     assert set(keep.unique().tolist()) <= {0.0, 1.0}
     (keep * torch.arange(20.0)).sum().backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_topk_decisions_keep_exactly_k_of_the_kept_and_carry_gradient():
+    logits = torch.randn(4, 20, 2, requires_grad=True)
+    prev = (torch.rand(4, 20) > 0.3).float()
+    prev[:, :6] = 1.0  # at least 6 still kept per image
+    keep = topk_keep(torch.log_softmax(logits, -1), prev, 5)
+    assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(keep.detach().sum(dim=1) == 5) and torch.all(keep.detach() <= prev)
+    (keep * torch.arange(20.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method,packages", [("heatvit", "update"), ("spvit", "append")])
+def test_topk_training_computes_what_fixed_count_inference_runs(method, packages):
+    """Masked top-k training (static shapes) and gathered inference must agree, or the selectors are trained for
+    a different network than the one that runs."""
+    model = small_vit()
+    vitprune.patch(model, method, keep=(0.7, 0.4, 0.2), blocks=(1, 3, 4), package=packages)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ran = model(x)
+        model.vitprune_method.train()
+        trained = model(x)
+    assert vitprune.last_trace(model).tokens_attn[-1] > 16  # the training pass kept every position
+    assert torch.allclose(trained, ran, atol=1e-4)
 
 
 def test_masked_softmax_is_softmax_over_kept_keys():
@@ -135,7 +161,8 @@ def test_selector_macs_counted_from_executed_ops():
 
 
 @pytest.mark.parametrize("bad", [dict(keep=(0.5, 0.7)), dict(keep=1.5), dict(blocks=(0, 3)), dict(mode="soft"),
-                                 dict(threshold=1.0), dict(blocks=(2, 9))])
+                                 dict(threshold=1.0), dict(blocks=(2, 9)),
+                                 dict(decisions="soft"), dict(mode="adaptive", decisions="topk")])
 def test_bad_config_is_one_clear_error_and_model_untouched(bad):
     model = small_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -32,7 +32,11 @@ def test_selector_training_updates_selectors_and_loads(tmp_path):
     result = train(cfg)
     log = _read_log(tmp_path / "h")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all(k in log[-1] for k in ("ce", "kl", "ratio", "tokens", "keep@4", "keep@7", "keep@10"))
+    assert all(k in log[-1] for k in ("ce", "kl", "tokens", "keep@4", "keep@7", "keep@10"))
+    # top-k training keeps exactly what fixed-count inference keeps: round(keep_i · 64) of the 64 patch tokens
+    for layer, keep in zip((4, 7, 10), (0.7, 0.49, 0.343)):
+        assert all(r[f"keep@{layer}"] == pytest.approx(round(keep * 64) / 64, abs=1e-6) for r in log)
+    assert "ratio" not in log[-1]
     assert result.steps == 4
     torch.manual_seed(cfg.seed)  # the same draws as train(): model, then selectors
     fresh = vitprune.patch(vitprune.models.create_model("testbed"), "heatvit")
@@ -49,7 +53,7 @@ def test_selector_training_updates_selectors_and_loads(tmp_path):
 def test_ratio_loss_pulls_keep_rates_to_target(tmp_path):
     from vitprune.train.losses import LossWeights
 
-    cfg = TrainConfig(method="spvit", method_config={"keep": (0.9, 0.8, 0.7)}, steps=25, lr=1e-2,
+    cfg = TrainConfig(method="spvit", method_config={"keep": (0.9, 0.8, 0.7), "decisions": "gumbel"}, steps=25, lr=1e-2,
                       loss=LossWeights(ce=0.0, kl=0.0, tokens=0.0, ratio=10.0), label_free=True, save_every=100,
                       out=str(tmp_path / "r"), **TINY)
     train(cfg)
@@ -142,3 +146,21 @@ def test_torchrun_ddp_two_gloo_processes(tmp_path):
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True
     assert [r["step"] for r in _read_log(tmp_path / "d")] == [3]
+
+
+def test_quantization_aware_training_trains_through_fake_quant(tmp_path):
+    """QAT: the student runs int8 + polynomials while the fp32 weights train; the checkpoint is the plain layout."""
+    from vitprune.models import create_model
+
+    base = dict(method="tome", method_config={"r": 4}, steps=2, freeze_backbone=False, backbone_lr=1e-3, **TINY)
+    train(TrainConfig(out=str(tmp_path / "fp32"), **base))
+    train(TrainConfig(out=str(tmp_path / "qat"), quantize="int8+poly", **base))
+    fp32, qat = _read_log(tmp_path / "fp32"), _read_log(tmp_path / "qat")
+    assert qat[0]["ce"] != pytest.approx(fp32[0]["ce"], abs=1e-6)  # the first forward already ran quantized
+    weights = load_file(str(tmp_path / "qat" / "backbone.safetensors"))
+    plain = create_model("testbed").state_dict()
+    assert set(weights) == set(plain)  # no fake-quant buffers: loads into a plain timm model
+    assert any(not torch.equal(weights[k], plain[k]) for k in plain)  # gradients reached the fp32 weights
+    assert json.loads((tmp_path / "qat" / "vitprune.json").read_text())["quantized"] == "int8+poly"
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        train(TrainConfig(out=str(tmp_path / "bad"), quantize="int4", **base))

@@ -184,6 +184,8 @@ def lut(
         None, "--method", "-m", help="Method specs for --check, repeatable; the first is the speedup baseline. "
         "Default: tome:r=0 (engine, no reduction) and EViT keep 0.7/0.5 at blocks depth/4, depth/2, 3·depth/4."),
     out: Optional[Path] = typer.Option(None, help="JSON file. Default: results/lut/<model>.json."),
+    table_path: Optional[Path] = typer.Option(None, "--table", help="With --check: check this existing LUT (the one "
+                                              "a model was trained against) instead of profiling a new one."),
 ) -> None:
     """Latency look-up table: time each block at token counts 1..N on this device, for latency-aware training."""
     import time
@@ -201,46 +203,62 @@ def lut(
             count_arg = [int(c) for c in counts.split(",") if c.strip()]
         except ValueError:
             raise typer.BadParameter(f"--counts {counts!r}: use 'grid', 'all' or whole numbers like 1,16,32,65")
-    start = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("lut", total=None)
-
-        def on_step(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, description=what)
-
+    if table_path is not None:
+        if not check:
+            raise typer.BadParameter("--table is for --check: it checks an existing LUT instead of profiling one")
         from .backends.timm import model_info
-        from .methods.selector import MultiHeadSelector
+        from .train.lut import LatencyLUT
 
-        info = model_info(net)  # a selector is timed too, so latency-aware selector training can read its cost
-        table = profile_lut(net, batch_size=batch_size, threads=threads, dtype=DTYPES[dtype], device=device,
-                            counts=count_arg, per_block=per_block, rounds=rounds, model_name=model, progress=on_step,
-                            selector=MultiHeadSelector(info.dim, info.num_heads).eval()
-                            if info.num_heads >= 2 and info.dim // info.num_heads >= 8 else None)
-    elapsed = time.perf_counter() - start
-    meta = table.meta
-    shown = "mean over blocks" if per_block else "every block"
-    view = Table(title=f"vitprune lut — {model} (batch {batch_size}, {threads} threads, {dtype.value}, "
-                 f"{meta['device_name']}); ms per batch, {shown}")
-    for col in ("tokens", "attention ms", "MLP ms", "block ms", "block ms (raw median)"):
-        view.add_column(col, justify="right")
-    depth = table.depth
-    for j, n in enumerate(table.token_counts):
-        attn = sum(r[j] for r in table.attn_ms) / depth
-        mlp = sum(r[j] for r in table.mlp_ms) / depth
-        raw = sum(a[j] + m[j] for a, m in zip(table.attn_ms_raw or [], table.mlp_ms_raw or [])) / depth
-        view.add_row(str(n), f"{attn:.3f}", f"{mlp:.3f}", f"{attn + mlp:.3f}", f"{raw:.3f}")
-    console.print(view)
-    full = table.full_ms()
-    console.print(f"fixed (patch/position embedding, final norm, head): {table.fixed_ms:.2f} ms; "
-                  f"predicted unpruned total: {full:.1f} ms per batch = {batch_size / full * 1e3:.1f} img/s "
-                  f"({depth} blocks at {table.num_tokens} tokens); profiled in {elapsed:.0f} s")
-    if meta.get("noisy"):
-        console.print(f"[yellow]timings are noisy (typical round-to-round spread {meta['round_spread']['median']:.0%} "
-                      "of the median): was the machine busy? Re-run with more --rounds on an idle machine.[/]")
-    path = out or Path("results") / "lut" / f"{model.replace('/', '_')}.json"
-    table.save(path)
-    console.print(f"wrote {path}")
+        table = LatencyLUT.load(table_path)
+        table.check_model(model_info(net))
+        depth = table.depth
+    else:
+        start = time.perf_counter()
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("lut", total=None)
+
+            def on_step(done: int, total: int, what: str) -> None:
+                progress.update(task, completed=done, total=total, description=what)
+
+            from .backends.timm import model_info
+            from .methods.heatvit import HeatViT
+            from .methods.selector import SelectionStep
+
+            # a whole selection step (score, top-k, gather, package) is timed too, so latency-aware selector training
+            # and the multi-stage search read its cost
+            info = model_info(net)
+            step = None
+            if info.num_heads >= 2 and info.dim // info.num_heads >= 8 and info.depth >= 2:
+                step = SelectionStep(HeatViT(blocks=(1,), keep=0.5), info).eval()
+            table = profile_lut(net, batch_size=batch_size, threads=threads, dtype=DTYPES[dtype], device=device,
+                                counts=count_arg, per_block=per_block, rounds=rounds, model_name=model,
+                                progress=on_step, selector=step)
+        elapsed = time.perf_counter() - start
+        meta = table.meta
+        shown = "mean over blocks" if per_block else "every block"
+        view = Table(title=f"vitprune lut — {model} (batch {batch_size}, {threads} threads, {dtype.value}, "
+                     f"{meta['device_name']}); ms per batch, {shown}")
+        for col in ("tokens", "attention ms", "MLP ms", "block ms", "block ms (raw median)"):
+            view.add_column(col, justify="right")
+        depth = table.depth
+        for j, n in enumerate(table.token_counts):
+            attn = sum(r[j] for r in table.attn_ms) / depth
+            mlp = sum(r[j] for r in table.mlp_ms) / depth
+            raw = sum(a[j] + m[j] for a, m in zip(table.attn_ms_raw or [], table.mlp_ms_raw or [])) / depth
+            view.add_row(str(n), f"{attn:.3f}", f"{mlp:.3f}", f"{attn + mlp:.3f}", f"{raw:.3f}")
+        console.print(view)
+        full = table.full_ms()
+        console.print(f"fixed (patch/position embedding, final norm, head): {table.fixed_ms:.2f} ms; "
+                      f"predicted unpruned total: {full:.1f} ms per batch = {batch_size / full * 1e3:.1f} img/s "
+                      f"({depth} blocks at {table.num_tokens} tokens); profiled in {elapsed:.0f} s")
+        if meta.get("noisy"):
+            spread = meta["round_spread"]["median"]
+            console.print(f"[yellow]timings are noisy (typical round-to-round spread {spread:.0%} of the median): "
+                          "was the machine busy? Re-run with more --rounds on an idle machine.[/]")
+        path = out or Path("results") / "lut" / f"{model.replace('/', '_')}.json"
+        table.save(path)
+        console.print(f"wrote {path}")
     if check:
         specs = list(method) if method else default_check_specs(depth)
         with console.status("timing real forwards for --check"):
@@ -418,6 +436,9 @@ def train(
     lambda_kl: float = typer.Option(0.5, help="Weight of KL(student ‖ teacher)."),
     lambda_tokens: float = typer.Option(0.5, help="Weight of the kept-token MSE."),
     lambda_latency: float = typer.Option(2.0, help="Weight of the latency-sparsity loss."),
+    quantize: Optional[str] = typer.Option(None, help="Quantization-aware training: 'int8' or 'int8+poly' "
+                                           "(HeatViT's 8-bit fixed point, + polynomial GELU/softmax)."),
+    per_channel: bool = typer.Option(False, help="Per-channel weight scales with --quantize."),
     val_data: Optional[str] = typer.Option("testbed", help="Labelled data to evaluate on after training ('' = none)."),
     val_limit: Optional[int] = typer.Option(None, help="Evaluate on a strided subset."),
     out: Optional[Path] = typer.Option(None, help="Output folder. Default: results/train/<method>."),
@@ -447,6 +468,7 @@ def train(
         lut=None if lut_path is None else str(lut_path), target_latency_ms=target_latency_ms,
         target_speedup=target_speedup, out=str(out or Path("results") / "train" / name), save_every=save_every,
         resume=resume, seed=seed, device=device, log_every=log_every, init_selectors=None if init is None else str(init),
+        quantize=quantize, per_channel=per_channel,
     )
     run_training(cfg, console=console, multi_stage=multi_stage, val_data=val_data or None, val_limit=val_limit,
                  label=format_method_spec(name, config))

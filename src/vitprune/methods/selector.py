@@ -9,9 +9,17 @@ Before a chosen block, a small selector scores every patch token as keep/drop. T
 * score = head-weighted mean of the per-head log-probabilities (and, for the package weights, of the probabilities).
   As in the official code, one MLP is shared by the heads (its list holds the same module H times).
 
-Training (``module.training``): hard keep decisions by Gumbel-softmax with a straight-through gradient, multiplied
-across stages; nothing is gathered — the decisions become ``TokenState.keep`` and attention masks dropped keys
-(``attention.masked_softmax``), so shapes stay static and gradients reach the selector through the mask.
+Training (``module.training``): hard 0/1 keep decisions with a straight-through gradient, multiplied across
+stages; nothing is gathered — the decisions become ``TokenState.keep`` and attention masks dropped keys
+(``attention.masked_softmax``), so shapes stay static and gradients reach the selector through the mask. How the
+decisions are drawn (``decisions``):
+
+* ``"topk"`` (the default for ``mode="fixed"``): exactly the tokens fixed-count inference keeps — the top
+  ``round(keep_i · N)`` by score — so training sees the token budget it will run at. A first version trained with
+  Gumbel samples and a ratio loss; the CE gradient held the sampled keep rates far above their targets (0.79/0.68/
+  0.47 against 0.5/0.25/0.125 on the testbed) and fixed-count inference then pruned much harder than trained for.
+* ``"gumbel"`` (DynamicViT/SPViT; the default for ``mode="adaptive"`` and what the latency loss needs): Gumbel-softmax
+  samples, so the keep *rates* are learned (pulled to targets by the ratio or latency-sparsity loss).
 
 Dropped tokens are not thrown away: they are *packed* into a package token, the average of the tokens dropped at
 this stage weighted by their keep probability. HeatViT keeps one package token and adds each stage's package to
@@ -37,6 +45,7 @@ from .base import ModelInfo, TokenReducer, Trace, check_blocks, check_keep, per_
 
 PACK_EPS = 1e-6
 MODES = ("fixed", "adaptive")
+DECISIONS = ("topk", "gumbel")
 PACKAGES = ("update", "append", "none")
 
 
@@ -110,6 +119,15 @@ def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:
     return F.gumbel_softmax(log_probs.float(), tau=tau, hard=True)[..., 0].to(log_probs.dtype)
 
 
+def topk_keep(log_probs: Tensor, prev: Tensor, k: int) -> Tensor:
+    """Hard 0/1 keep decisions [B, N]: the ``k`` highest-scoring tokens among those still kept (``prev`` > 0), with
+    the straight-through gradient of the keep probability (value: exactly the fixed-count inference choice)."""
+    score = log_probs[..., 0].float().masked_fill(prev <= 0, float("-inf"))
+    hard = torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
+    soft = log_probs[..., 0].float().exp()
+    return (hard + (soft - soft.detach())).to(log_probs.dtype)  # value exactly 0/1
+
+
 def package(x: Tensor, weight: Tensor) -> Tensor:
     """[B, N, C] tokens, [B, N] weights (zero for tokens not packed) → [B, C] weighted average (zero if none)."""
     w = weight.to(x.dtype).unsqueeze(-1)
@@ -126,6 +144,7 @@ class TokenSelector(TokenReducer):
     threshold: float = 0.5
     package: str = "update"
     tau: float = 1.0
+    decisions: str | None = None  # training: "topk" (default for mode=fixed) or "gumbel" (default for adaptive)
     checkpoint: str | None = None  # a selectors-only folder written by `vitprune train` (see train/checkpoint.py)
     prop_attn: bool = False
     module: nn.ModuleDict | None = field(default=None, init=False, repr=False, compare=False)
@@ -140,6 +159,10 @@ class TokenSelector(TokenReducer):
             raise ValueError(f"{self.name}: package must be one of {PACKAGES}, got {self.package!r}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"{self.name}: threshold is a keep probability in (0, 1), got {self.threshold!r}")
+        if self.decisions is not None and self.decisions not in DECISIONS:
+            raise ValueError(f"{self.name}: decisions must be one of {DECISIONS}, got {self.decisions!r}")
+        if self.decisions == "topk" and self.mode != "fixed":
+            raise ValueError(f"{self.name}: decisions=topk trains fixed counts; mode={self.mode!r} needs gumbel")
         if not float(self.tau) > 0.0:
             raise ValueError(f"{self.name}: Gumbel temperature tau must be > 0, got {self.tau!r}")
         blocks = self.blocks
@@ -189,13 +212,17 @@ class TokenSelector(TokenReducer):
         return state.num_prefix, state.num_tokens - n_pack
 
     def _select_masked(self, layer: int, selector: MultiHeadSelector, state: TokenState, trace: Trace) -> TokenState:
-        """Training: Gumbel hard decisions as a key mask; no token moves."""
+        """Training: hard decisions (top-k or Gumbel, see the module docstring) as a key mask; no token moves."""
         p, e = self._split(state)
         x = state.x[:, p:e]
         keep = state.keep if state.keep is not None else state.x.new_ones(state.x.shape[:2])
         prev = keep[:, p:e]
         log_probs, probs = selector(x, prev)
-        hard = gumbel_keep(log_probs, self.tau) * prev
+        if self.train_decisions == "topk":
+            k = max(1, min(e - p, round(self.keep_at[layer] * self.patches_at[layer])))
+            hard = topk_keep(log_probs, prev, k) * prev
+        else:
+            hard = gumbel_keep(log_probs, self.tau) * prev
         dropped = prev - hard  # dropped at this stage
         keep = torch.cat([keep[:, :p], hard, keep[:, e:]], dim=1)
         trace.note("selector_keep", layer, hard)  # [B, n] over the original patch tokens, with gradient
@@ -203,8 +230,10 @@ class TokenSelector(TokenReducer):
         state = replace(state, keep=keep)
         return self._attach_package(state, self._package_value(state, x, probs[..., 0] * dropped, dropped))
 
-    def _select_gather(self, layer: int, selector: MultiHeadSelector, state: TokenState, trace: Trace) -> TokenState:
-        """Inference: gather kept tokens (fixed count, or per image by threshold with padding)."""
+    def _select_gather(self, layer: int, selector: MultiHeadSelector, state: TokenState, trace: Trace,
+                       count: int | None = None) -> TokenState:
+        """Inference: gather kept tokens (fixed count — ``count`` overrides the schedule's — or per image by
+        threshold with padding)."""
         p, e = self._split(state)
         x = state.x[:, p:e]
         prev = None if state.keep is None else state.keep[:, p:e]
@@ -214,7 +243,8 @@ class TokenSelector(TokenReducer):
             score = score.masked_fill(prev <= 0, -1.0)  # padding never comes back
         n = e - p
         if self.mode == "fixed":
-            k = max(1, min(n, round(self.keep_at[layer] * self.patches_at[layer])))
+            k = count if count is not None else round(self.keep_at[layer] * self.patches_at[layer])
+            k = max(1, min(n, k))
             order = score.argsort(dim=1, descending=True)
             kept_mask = None
         else:
@@ -297,12 +327,37 @@ class TokenSelector(TokenReducer):
         return f"keep={keep}@{blocks}{extra}"
 
     @property
+    def train_decisions(self) -> str:
+        """How training draws decisions: the configured ``decisions``, else top-k for fixed counts, else Gumbel."""
+        return self.decisions or ("topk" if self.mode == "fixed" else "gumbel")
+
+    @property
     def static_shapes(self) -> bool:
         return self.mode == "fixed"
 
     def target_keep(self) -> dict[int, float]:
         """Stage → target fraction of the original patch tokens kept (the ratio loss's ρ_i)."""
         return dict(self.keep_at)
+
+
+class SelectionStep(nn.Module):
+    """One selector stage as fixed-count inference runs it — score, top-k, gather, package token — on [B, n, C]
+    tokens (prefix included), keeping ``keep`` of the patch tokens. ``vitprune lut`` times this per token count, so
+    the latency table holds the whole cost of a selection rather than the selector's MLP alone (timing only the MLP
+    left the LUT ≈ 10% optimistic for trained selectors on the testbed)."""
+
+    def __init__(self, method: TokenSelector, info: ModelInfo, keep: float = 0.5) -> None:
+        super().__init__()
+        method.setup(info)
+        self.method, self.keep, self.layer = method, float(keep), method.blocks[0]
+        self.selector = method.module[str(self.layer)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] <= self.method.num_prefix:
+            return x  # no patch token left to choose from
+        state = TokenState.initial(x, self.method.num_prefix)
+        k = round(self.keep * (x.shape[1] - self.method.num_prefix))
+        return self.method._select_gather(self.layer, self.selector, state, Trace(), count=k).x
 
 
 def expected_tokens(keep_at: dict[int, float], depth: int, num_patches: int, num_prefix: int,

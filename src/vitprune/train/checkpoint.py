@@ -32,6 +32,7 @@ BACKBONE = "backbone.safetensors"
 CONFIG = "vitprune.json"
 RESUME = "resume.pt"
 METHOD_PREFIX = patching.METHOD_MODULE + "."
+QUANT_BUFFER = ".input_max"  # hw.quant.QuantLinear's calibration buffer
 
 
 def method_config(method: TokenReducer) -> dict[str, Any]:
@@ -52,7 +53,10 @@ def save_trained(model: nn.Module, folder: str | Path, *, model_name: str, backb
         raise ValueError("save_trained needs a vitprune-patched model")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # quantization-aware training leaves fake-quant calibration buffers (``input_max``); the checkpoint holds the
+    # fp32 weights in the plain layout, to be quantized and calibrated again for deployment
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.endswith(QUANT_BUFFER)}
     selectors = {k.removeprefix(METHOD_PREFIX): v for k, v in state.items() if k.startswith(METHOD_PREFIX)}
     if not selectors and not backbone:
         raise ValueError(f"{model._vitprune.method.name} has no trainable selector; train the backbone instead")

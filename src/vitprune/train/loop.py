@@ -7,6 +7,11 @@ training-free reduction (PPT, ToMe, EViT, ToGo), single process or under ``torch
   ``backbone_lr``).
 * Budget: fixed keep ratios (the ratio loss), or a latency budget read from a latency LUT (the latency-sparsity
   loss replaces the ratio loss).
+* ``quantize``: quantization-aware training — the student runs HeatViT's simulated 8-bit fixed point
+  (``hw.quant``: int8 Linear layers with power-of-two scales calibrated on the first training batches, rounding
+  with a straight-through gradient; ``"int8+poly"`` adds the polynomial GELU and softmax) while the fp32 master
+  weights train. The checkpoint holds those fp32 weights; quantize and calibrate them again to deploy
+  (``vitprune quantize --checkpoint <out>/backbone.safetensors``), as post-training quantization would.
 * Data order is a deterministic function of (seed, epoch), and the resume state holds the optimizer, scheduler and
   RNG states, so ``resume=True`` after a kill continues exactly where the last saved step left off.
 """
@@ -33,6 +38,10 @@ from .losses import LossWeights, distill_kl, ratio_loss, token_mse
 from .lut import LatencyLUT, latency_sparsity_loss
 
 
+QUANTIZE = (None, "int8", "int8+poly")
+CALIBRATION_BATCHES = 4
+
+
 @dataclass
 class TrainConfig:
     method: str = "heatvit"
@@ -52,6 +61,8 @@ class TrainConfig:
     label_free: bool = False
     loss: LossWeights = field(default_factory=LossWeights)
     lut: str | None = None
+    quantize: str | None = None  # quantization-aware training: "int8" or "int8+poly"
+    per_channel: bool = False  # per-channel weight scales under ``quantize``
     target_latency_ms: float | None = None
     target_speedup: float | None = None
     out: str = "results/train/run"
@@ -109,6 +120,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("give either target_latency_ms or target_speedup, not both")
     if (cfg.target_latency_ms is not None or cfg.target_speedup is not None) and cfg.lut is None:
         raise ValueError("a latency budget needs a latency LUT: profile one with `vitprune lut` and pass --lut")
+    if cfg.quantize not in QUANTIZE:
+        choices = ", ".join(q for q in QUANTIZE if q)
+        raise ValueError(f"quantize must be one of {choices} (or none), got {cfg.quantize!r}")
     if cfg.target_speedup is not None and not cfg.target_speedup > 1.0:
         raise ValueError(f"target_speedup must be > 1, got {cfg.target_speedup}")
 
@@ -152,6 +166,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int, dict[str, float]], None
     selectors = isinstance(method, TokenSelector)
     if cfg.init_selectors is not None:
         ckpt.load_matching_selectors(getattr(model, patching.METHOD_MODULE), cfg.init_selectors)
+    data = training_data(cfg.data, cfg.limit)
+    if len(data) < cfg.batch_size * dist.world_size:
+        raise ValueError(f"the training data has {len(data)} images, fewer than one batch per process")
+    if cfg.quantize is not None:
+        quantize_student(model, data, cfg, device)
     method_params = [p for n, p in model.named_parameters() if n.startswith(ckpt.METHOD_PREFIX)]
     if cfg.freeze_backbone:
         if not method_params:
@@ -172,13 +191,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int, dict[str, float]], None
     if cfg.lut is not None:
         if not selectors:
             raise ValueError("a latency budget trains selector keep rates; use --method heatvit or spvit with --lut")
+        if method.decisions == "topk":
+            raise ValueError("the latency loss learns keep rates, which top-k training fixes; use decisions=gumbel")
+        method.decisions = "gumbel"  # counts must be sampled for the latency loss to move them
         lut = LatencyLUT.load(cfg.lut)
         lut.check_model(info)
         budget = cfg.target_latency_ms if cfg.target_latency_ms is not None else lut.full_ms() / cfg.target_speedup
 
-    data = training_data(cfg.data, cfg.limit)
-    if len(data) < cfg.batch_size * dist.world_size:
-        raise ValueError(f"the training data has {len(data)} images, fewer than one batch per process")
     sampler = DistributedSampler(data, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     per_epoch = len(sampler) // cfg.batch_size
@@ -234,14 +253,18 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int, dict[str, float]], None
             terms["kl"] = cfg.loss.kl * distill_kl(logits, t_logits)
             if selectors:
                 keeps = trace.notes["selector_keep"]
-                if lut is None:
+                if lut is None and method.train_decisions == "topk":
+                    pass  # the counts are the targets by construction
+                elif lut is None:
                     targets = [method.keep_at[layer] for layer in keeps]
                     terms["ratio"] = cfg.loss.ratio * ratio_loss(list(keeps.values()), targets)
                 else:
                     predicted = lut.predict_ms(soft_tokens(method, keeps, info), selectors_at=method.blocks)
                     terms["latency"] = cfg.loss.latency * latency_sparsity_loss(predicted, budget).float()
                     last["predicted_ms"] = float(predicted.detach())
-                if feats.shape[1] >= t_feats.shape[1]:  # masked training keeps positions: compare token by token
+                # masked training keeps positions: compare token by token (hierarchical models such as PiT return
+                # only their prefix tokens from forward_features, so they have no token term)
+                if feats.shape[1] >= t_feats.shape[1] > p0:
                     keep = model._vitprune.final_keep
                     n = t_feats.shape[1] - p0
                     terms["tokens"] = cfg.loss.tokens * token_mse(
@@ -276,6 +299,18 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int, dict[str, float]], None
                        world_size=dist.world_size, replicas_in_sync=in_sync)
 
 
+def quantize_student(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device) -> None:
+    """Swap in the fake-quant layers (QAT) and calibrate their activation scales on the first training images
+    (the same on every rank and after a resume, so all replicas quantize alike)."""
+    from ..hw.quant import calibrate, quantize
+
+    quantize(model, per_channel=cfg.per_channel, poly=cfg.quantize == "int8+poly")
+    n = min(len(data), CALIBRATION_BATCHES * cfg.batch_size)
+    images = torch.stack([data[i][0] for i in range(n)]).to(device)
+    model.eval()
+    calibrate(model, list(images.split(cfg.batch_size)))
+
+
 def _resumable(cfg: TrainConfig) -> dict[str, Any]:
     """The config fields that must match for a resume to continue the same run."""
     d = cfg.to_json()
@@ -293,4 +328,4 @@ def _save(cfg: TrainConfig, dist: Distributed, model: nn.Module, optimizer, sche
                                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                          "rng": rngs})
     ckpt.save_trained(model, out, model_name=cfg.model, backbone=not cfg.freeze_backbone,
-                      base_checkpoint=cfg.checkpoint, extra={"step": step})
+                      base_checkpoint=cfg.checkpoint, extra={"step": step, "quantized": cfg.quantize})

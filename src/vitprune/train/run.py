@@ -71,6 +71,12 @@ def evaluate_trained(cfg: TrainConfig, result: TrainResult, val_data: str | None
         data = _val_dataset(val_data, val_limit)
         summary["top1_unpatched"] = evaluate(teacher, data, progress=False).top1
         summary["top1"] = evaluate(student, data, progress=False).top1
+        if cfg.quantize is not None:  # what deploys: the trained weights quantized and calibrated as in training
+            from .loop import quantize_student, training_data
+
+            quantize_student(student, training_data(cfg.data, cfg.limit), cfg, torch.device("cpu"))
+            summary["quantized"] = cfg.quantize
+            summary["top1_quantized"] = evaluate(student, data, progress=False).top1
         summary["n_val"] = len(data)
     Path(result.out, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -85,4 +91,6 @@ def _print(summary: dict[str, Any], console: Console) -> None:
     top = summary.get("top1")
     table.add_row(f"{summary['method']} {summary['config']}", f"{summary['gmacs']:.4f}",
                   "-" if top is None else f"{100 * top:.2f}%")
+    if summary.get("top1_quantized") is not None:
+        table.add_row(f"  {summary['quantized']}", f"{summary['gmacs']:.4f}", f"{100 * summary['top1_quantized']:.2f}%")
     console.print(table)
