@@ -196,3 +196,55 @@ def test_quantize_cli_one_table_of_precisions_and_methods(tmp_path, testbed_asse
         ("fp32", "none"), ("fp32", "tome:r=4"), ("int8", "none"), ("int8", "tome:r=4"),
         ("int8+poly", "tome:r=0"), ("int8+poly", "tome:r=4")]
     assert all(0.0 <= r["top1"] <= 1.0 for r in rows)
+
+
+def test_precision_rows_fidelity_form_without_labels():
+    from torch.utils.data import TensorDataset
+
+    from vitprune.hw.precision import precision_rows
+
+    model = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    images = torch.randn(12, 3, 32, 32)
+    rows = precision_rows(model, "tiny", ["tome:r=2"], TensorDataset(images), [images[:8]], reference="fidelity")
+    assert [(r.extra["precision"], r.extra["spec"]) for r in rows] == [
+        ("fp32", "none"), ("fp32", "tome:r=2"), ("int8", "none"), ("int8", "tome:r=2"),
+        ("int8+poly", "tome:r=0"), ("int8+poly", "tome:r=2")]
+    assert all(r.top1 is None and r.top1_delta is None for r in rows)
+    assert abs(rows[0].extra["cosine"] - 1.0) < 1e-6 and rows[0].extra["agreement"] == 1.0
+    for r in rows[2:]:
+        assert 0.9 < r.extra["cosine"] < 1.0 and 0.0 <= r.extra["agreement"] <= 1.0
+    with pytest.raises(ValueError, match="reference"):
+        precision_rows(model, "tiny", [], [images], [images], reference="top5")
+
+
+def test_quantize_cli_fidelity_table_and_json(tmp_path, testbed_assets):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitprune.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", "--fidelity", "--limit", "16", "--calib-batches", "1",
+                                      "-m", "tome:r=4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "cosine vs fp32" in result.output
+    saved = json.loads((tmp_path / "quantize.json").read_text())
+    assert saved["meta"]["reference"] == "fidelity"
+    rows = saved["rows"]
+    assert len(rows) == 6 and all(r["top1"] is None for r in rows)
+    assert abs(rows[0]["extra"]["cosine"] - 1.0) < 1e-6 and rows[0]["extra"]["agreement"] == 1.0
+    assert all(0.0 < r["extra"]["cosine"] <= 1.0 + 1e-6 for r in rows)
+
+
+def test_quantize_cli_detects_unlabelled_data(tmp_path):
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from vitprune.cli import _all_labelled
+    from vitprune.measure.data import NpzDataset
+
+    np.savez(tmp_path / "unlabelled.npz", x=np.zeros((4, 8, 8), np.uint8))
+    np.savez(tmp_path / "labelled.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4))
+    assert not _all_labelled(NpzDataset(tmp_path / "unlabelled.npz"), [])
+    assert _all_labelled(Subset(NpzDataset(tmp_path / "labelled.npz"), [0, 2]), [])
+    assert not _all_labelled(torch.utils.data.TensorDataset(torch.zeros(2, 3)), [0, -1])

@@ -520,13 +520,17 @@ def export(
 def quantize(
     model: str = typer.Option("testbed", help="Model, as for bench."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights, loaded strictly."),
-    data: str = typer.Option("testbed", help="Labelled data (as for bench)."),
+    data: str = typer.Option("testbed", help="Data (as for bench); labels are needed only for --labels."),
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method specs, repeatable. Default: "
                                                "tome:r=4 and ppt:r=16 (≈ −30/−35% MACs on the testbed)."),
     limit: Optional[int] = typer.Option(1000, help="Evaluate on a strided subset (None: all)."),
     calib_batches: int = typer.Option(4, help="Calibration batches of 32 images (from the start of the data)."),
     per_channel: bool = typer.Option(False, help="Per-channel power-of-two weight scales."),
     out: Optional[Path] = typer.Option(None, help="Folder for quantize.json. Default: results/quantize/<model>."),
+    fidelity: Optional[bool] = typer.Option(
+        None, "--fidelity/--labels", help="Score rows by cosine and top-1 agreement with the fp32 unpatched outputs, "
+        "or by top-1 against labels. Default: --labels (e.g. the testbed), but --fidelity when the data has no labels "
+        "(label -1) or the model has no classifier head (num_classes 0, e.g. dinov2_vits14)."),
 ) -> None:
     """HeatViT-style 8-bit fixed point: fp32 vs int8 vs int8 + polynomial GELU/softmax, ± token methods, one table."""
     from .hw.precision import precision_rows
@@ -537,19 +541,66 @@ def quantize(
     net = create_model(model, checkpoint=checkpoint)
     dataset = load_dataset(data, transform=image_transform_for(net), limit=limit)
     n_cal = min(len(dataset), 32 * calib_batches)
-    images = torch.stack([dataset[i][0] for i in range(n_cal)])
-    calibration = list(images.split(32))
+    samples = [dataset[i] for i in range(n_cal)]
+    calibration = list(torch.stack([x for x, _ in samples]).split(32))
+    labelled = _all_labelled(dataset, [int(y) for _, y in samples])
+    headless = getattr(net, "num_classes", None) == 0
+    if fidelity is False and (headless or not labelled):
+        why = "the model has no classifier head" if headless else "the data has no labels (-1)"
+        raise typer.BadParameter(f"--labels needs labelled data and a classifier, but {why}; use --fidelity.")
+    reference = "labels" if fidelity is False or (fidelity is None and labelled and not headless) else "fidelity"
     specs = list(method) if method else ["tome:r=4", "ppt:r=16"]
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
-        task = progress.add_task("quantize", total=3 * (len(specs) + 1))
-        rows = precision_rows(net, model, specs, dataset, calibration, per_channel=per_channel,
+        task = progress.add_task("quantize", total=3 * (len(specs) + 1) + (reference == "fidelity"))
+        rows = precision_rows(net, model, specs, dataset, calibration, per_channel=per_channel, reference=reference,
                               on_step=lambda m: progress.update(task, advance=1, description=m))
-    print_table(rows, title=f"vitprune quantize — {model} ({len(dataset)} images, {n_cal} calibration images, "
-                f"{'per-channel' if per_channel else 'per-tensor'} weights)", console=console)
+    if headless:  # features, not class scores: the largest feature's index means nothing; cosine is the measure
+        for row in rows:
+            row.extra["agreement"] = None
+    title = (f"vitprune quantize — {model} ({len(dataset)} images, {n_cal} calibration images, "
+             f"{'per-channel' if per_channel else 'per-tensor'} weights)")
+    if reference == "fidelity":
+        _print_fidelity_table(rows, title + " — fidelity to fp32 unpatched")
+    else:
+        print_table(rows, title=title, console=console)
     path = write_json(rows, (out or Path("results") / "quantize" / model.replace("/", "_").replace(":", "_"))
-                      / "quantize.json", {"model": model, "per_channel": per_channel, "n_eval": len(dataset)})
+                      / "quantize.json", {"model": model, "per_channel": per_channel, "n_eval": len(dataset),
+                                          "reference": reference})
     console.print(f"wrote {path}")
+
+
+def _all_labelled(dataset: torch.utils.data.Dataset, seen: list[int]) -> bool:
+    """No label is −1 (unlabelled). Read without loading images for load_dataset's kinds; else trust ``seen``."""
+    from torch.utils.data import Subset
+
+    indices = None
+    if isinstance(dataset, Subset):  # a strided ImageFolder
+        indices, dataset = dataset.indices, dataset.dataset
+    if hasattr(dataset, "labels"):  # NpzDataset
+        labels = [int(y) for y in dataset.labels]
+    elif hasattr(dataset, "samples"):  # list file, ImageFolder
+        labels = [int(y) for _, y in dataset.samples]
+    else:
+        return all(y >= 0 for y in seen)
+    return all(labels[i] >= 0 for i in (range(len(labels)) if indices is None else indices))
+
+
+def _print_fidelity_table(rows: list, title: str) -> None:
+    """measure.report.print_table shows top-1 only, not ``extra``; fidelity rows get their own columns."""
+    from rich.table import Table
+
+    from .measure.report import MISSING
+
+    view = Table(title=title, header_style="bold")
+    for col in ("precision", "method", "GMACs", "cosine vs fp32", "top-1 agreement vs fp32"):
+        view.add_column(col, justify="left" if col in ("precision", "method") else "right")
+    for r in rows:
+        cos, agree = r.extra.get("cosine"), r.extra.get("agreement")
+        view.add_row(r.extra["precision"], r.extra["spec"], f"{r.gmacs:.3f}",
+                     MISSING if cos is None else f"{cos:.4f}", MISSING if agree is None else f"{100 * agree:.1f}%",
+                     style="bold" if r.extra["spec"] in ("none", "tome:r=0") else None)
+    console.print(view)
 
 
 def main() -> None:  # pragma: no cover
