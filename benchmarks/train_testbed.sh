@@ -3,6 +3,8 @@
 # Usage: benchmarks/train_testbed.sh [device] [steps] [out]   e.g. benchmarks/train_testbed.sh cuda 800 results/train
 # Frozen-backbone selector runs, full fine-tunes (selectors + backbone) at −50%, and ToMe r=5 fine-tuned the same
 # way as the training-free reference at −48%. All runs are independent and go in parallel (one GPU is plenty).
+# Selectors now train with top-k decisions (the default for fixed counts); the README's "first version" table used
+# Gumbel decisions: add ',decisions=gumbel' to the selector specs to reproduce it.
 # VAL='' skips the evaluation at the end of each run (evaluate later with `vitprune bench -m ckpt:<folder>`).
 set -euo pipefail
 DEVICE=${1:-cpu}; STEPS=${2:-800}; OUT=${3:-results/train}
