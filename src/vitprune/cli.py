@@ -195,6 +195,8 @@ def lut(
     from .models import create_model
     from .train.lut import check_lut, default_check_specs, profile_lut
 
+    from .backends.timm import model_info
+
     net = create_model(model, shared_weights=False)
     if counts in ("grid", "all"):
         count_arg: object = counts
@@ -206,7 +208,6 @@ def lut(
     if table_path is not None:
         if not check:
             raise typer.BadParameter("--table is for --check: it checks an existing LUT instead of profiling one")
-        from .backends.timm import model_info
         from .train.lut import LatencyLUT
 
         table = LatencyLUT.load(table_path)
@@ -221,7 +222,6 @@ def lut(
             def on_step(done: int, total: int, what: str) -> None:
                 progress.update(task, completed=done, total=total, description=what)
 
-            from .backends.timm import model_info
             from .methods.heatvit import HeatViT
             from .methods.selector import SelectionStep
 
@@ -555,9 +555,6 @@ def quantize(
         task = progress.add_task("quantize", total=3 * (len(specs) + 1) + (reference == "fidelity"))
         rows = precision_rows(net, model, specs, dataset, calibration, per_channel=per_channel, reference=reference,
                               on_step=lambda m: progress.update(task, advance=1, description=m))
-    if headless:  # features, not class scores: the largest feature's index means nothing; cosine is the measure
-        for row in rows:
-            row.extra["agreement"] = None
     title = (f"vitprune quantize — {model} ({len(dataset)} images, {n_cal} calibration images, "
              f"{'per-channel' if per_channel else 'per-tensor'} weights)")
     if reference == "fidelity":

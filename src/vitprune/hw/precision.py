@@ -14,11 +14,10 @@ import copy
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import patching
-from ..measure.accuracy import _as_loader, _device_dtype, _split, evaluate
+from ..measure.accuracy import compare_outputs, evaluate, outputs
 from ..measure.flops import count_macs
 from ..measure.report import BenchRow
 from ..specs import format_method_spec, parse_method_spec
@@ -26,27 +25,6 @@ from .quant import calibrate, quantize
 
 PRECISIONS = ("fp32", "int8", "int8+poly")
 REFERENCES = ("labels", "fidelity")
-
-
-def _outputs(net: nn.Module, data: Any, batch_size: int = 64) -> torch.Tensor:
-    """Every image's output as float32 ``[N, D]`` on the CPU, kept so the reference runs once; labels ignored."""
-    device, dtype = _device_dtype(net)
-    chunks = []
-    with torch.inference_mode():
-        for batch in _as_loader(data, batch_size):
-            x, _ = _split(batch)
-            chunks.append(net(x.to(device=device, dtype=dtype)).float().flatten(1).cpu())
-    if not chunks:
-        raise ValueError("the data is empty; nothing to compare.")
-    return torch.cat(chunks)
-
-
-def _fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float | None]:
-    """Mean per-image cosine and argmax agreement with ``ref`` (as ``measure.accuracy.fidelity``, from cache)."""
-    if out.shape != ref.shape:
-        raise ValueError(f"outputs differ in shape: {tuple(out.shape)} vs the reference's {tuple(ref.shape)}")
-    agreement = (out.argmax(1) == ref.argmax(1)).float().mean().item() if ref.shape[1] > 1 else None
-    return {"cosine": F.cosine_similarity(out, ref, dim=1).mean().item(), "agreement": agreement}
 
 
 def precision_rows(model: nn.Module, model_name: str, specs: Sequence[str], data: Any, calibration: list[torch.Tensor],
@@ -57,8 +35,8 @@ def precision_rows(model: nn.Module, model_name: str, specs: Sequence[str], data
     ``reference="labels"``: top-1 on labelled ``data`` (``row.top1``, ``row.top1_delta``). ``"fidelity"``: for
     feature models (no classifier) or unlabelled data, where top-1 means nothing, each row's outputs are compared
     image by image with the fp32 unpatched model's (computed once, before the table): mean cosine in
-    ``row.extra["cosine"]``, argmax agreement in ``row.extra["agreement"]`` (None for 1-wide outputs), and
-    ``row.top1`` stays None. ``data``: a Dataset, a DataLoader or an iterable of image batches.
+    ``row.extra["cosine"]``, argmax agreement in ``row.extra["agreement"]`` (None for 1-wide outputs and for
+    feature models, ``num_classes == 0``, whose largest feature's index means nothing), and ``row.top1`` stays None. ``data``: a Dataset, a DataLoader or an iterable of image batches.
     """
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
@@ -73,7 +51,8 @@ def precision_rows(model: nn.Module, model_name: str, specs: Sequence[str], data
     ref_out = None
     if reference == "fidelity":
         step("fp32 reference")
-        ref_out = _outputs(copy.deepcopy(model).eval(), data)  # a transient copy: ``model`` may be in train mode
+        ref_out = outputs(copy.deepcopy(model).eval(), data)  # a transient copy: ``model`` may be in train mode
+    classifier = getattr(model, "num_classes", None) != 0
     rows: list[BenchRow] = []
     for precision in precisions:
         net = copy.deepcopy(model).eval()
@@ -87,7 +66,7 @@ def precision_rows(model: nn.Module, model_name: str, specs: Sequence[str], data
             step(f"{precision} {label}")
             if name != "none":
                 patching.patch(net, name, **config)
-            top1, scores = _score(net, data, ref_out)
+            top1, scores = _score(net, data, ref_out, classifier)
             gmacs = count_macs(net, example).gmacs
             describe = net._vitprune.method.describe() if patching.is_patched(net) else "unpatched"
             rows.append(BenchRow(model=model_name, method="none" if label in ("none", "tome:r=0") else name,
@@ -103,8 +82,10 @@ def precision_rows(model: nn.Module, model_name: str, specs: Sequence[str], data
     return rows
 
 
-def _score(net: nn.Module, data: Any, ref_out: torch.Tensor | None) -> tuple[float | None, dict[str, float | None]]:
+def _score(net: nn.Module, data: Any, ref_out: torch.Tensor | None,
+           classifier: bool) -> tuple[float | None, dict[str, float | None]]:
     """(top-1, {}) against labels, or (None, {cosine, agreement}) against the reference outputs."""
     if ref_out is None:
         return evaluate(net, data, progress=False).top1, {}
-    return None, _fidelity(_outputs(net, data), ref_out)
+    result = compare_outputs(outputs(net, data), ref_out)
+    return None, {"cosine": result.cosine_mean, "agreement": result.top1_agreement if classifier else None}

@@ -1,7 +1,6 @@
 """Accuracy against labels (top-1/top-5/loss) and label-free fidelity between two models' outputs."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,33 +112,57 @@ def evaluate(model: nn.Module, dataset_or_loader: Batches, *, batch_size: int = 
     return EvalResult(top1=correct1 / n, top5=correct5 / n if top5_possible else None, n=n, loss=loss_sum / n)
 
 
+def outputs(model: nn.Module, data: Batches, *, batch_size: int = 64) -> torch.Tensor:
+    """Every image's output as float32 ``[N, D]`` on the CPU (labels ignored): a reference to compare many
+    variants against (``compare_outputs``) without running the reference model again for each."""
+    device, dtype = _device_dtype(model)
+    chunks = []
+    with torch.inference_mode():
+        for batch in _as_loader(data, batch_size):
+            x, _ = _split(batch)
+            chunks.append(model(x.to(device=device, dtype=dtype)).float().flatten(1).cpu())
+    if not chunks:
+        raise ValueError("the dataset is empty; nothing to compare.")
+    return torch.cat(chunks)
+
+
+def compare_outputs(a: torch.Tensor, b: torch.Tensor) -> FidelityResult:
+    """Image-by-image comparison of two models' outputs ``[N, ...]`` (each image's output flattened)."""
+    a = a.float().flatten(1)
+    b = b.float().flatten(1).to(a.device)
+    if a.shape != b.shape:
+        raise ValueError(f"outputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.shape[0] == 0:
+        raise ValueError("the dataset is empty; nothing to compare.")
+    cos = F.cosine_similarity(a, b, dim=1)
+    agree = (a.argmax(1) == b.argmax(1)).float().mean().item() if a.shape[1] > 1 else None
+    return FidelityResult(cosine_mean=cos.mean().item(), cosine_min=cos.min().item(), top1_agreement=agree,
+                          max_abs_diff=(a - b).abs().max().item(), n=a.shape[0])
+
+
+def _merge(parts: list[FidelityResult]) -> FidelityResult:
+    """One result from per-batch results (means weighted by images)."""
+    if not parts:
+        raise ValueError("the dataset is empty; nothing to compare.")
+    n = sum(r.n for r in parts)
+    agree = None if any(r.top1_agreement is None for r in parts) else sum(r.top1_agreement * r.n for r in parts) / n
+    return FidelityResult(cosine_mean=sum(r.cosine_mean * r.n for r in parts) / n,
+                          cosine_min=min(r.cosine_min for r in parts), top1_agreement=agree,
+                          max_abs_diff=max(r.max_abs_diff for r in parts), n=n)
+
+
 def fidelity(model_a: nn.Module, model_b: nn.Module, loader: Batches, *, batch_size: int = 64,
              progress: bool = False) -> FidelityResult:
-    """Compare two models image by image (e.g. unpruned A vs pruned B); labels are ignored."""
+    """Compare two models image by image (e.g. unpruned A vs pruned B); labels are ignored. Streams batch by
+    batch (``compare_outputs`` on each), so no output is kept."""
     loader = _as_loader(loader, batch_size)
     dev_a, dt_a = _device_dtype(model_a)
     dev_b, dt_b = _device_dtype(model_b)
-    n = agree = 0
-    cos_sum, cos_min, max_diff = 0.0, math.inf, 0.0
-    argmax_ok = True
+    parts = []
     with torch.inference_mode(), _progress(progress, _total(loader), "comparing") as advance:
         for batch in loader:
             x, _ = _split(batch)
-            a = model_a(x.to(device=dev_a, dtype=dt_a)).float().flatten(1)
-            b = model_b(x.to(device=dev_b, dtype=dt_b)).float().flatten(1).to(a.device)
-            if a.shape != b.shape:
-                raise ValueError(f"outputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-            cos = F.cosine_similarity(a, b, dim=1)
-            cos_sum += cos.sum().item()
-            cos_min = min(cos_min, cos.min().item())
-            max_diff = max(max_diff, (a - b).abs().max().item())
-            if a.shape[1] > 1:
-                agree += (a.argmax(1) == b.argmax(1)).sum().item()
-            else:
-                argmax_ok = False
-            n += a.shape[0]
+            parts.append(compare_outputs(model_a(x.to(device=dev_a, dtype=dt_a)),
+                                         model_b(x.to(device=dev_b, dtype=dt_b))))
             advance()
-    if n == 0:
-        raise ValueError("the dataset is empty; nothing to compare.")
-    return FidelityResult(cosine_mean=cos_sum / n, cosine_min=cos_min,
-                          top1_agreement=agree / n if argmax_ok else None, max_abs_diff=max_diff, n=n)
+    return _merge(parts)
