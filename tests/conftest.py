@@ -19,6 +19,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def assert_padded_batch_equals_images_one_by_one(model, x: torch.Tensor, layer: int) -> None:
+    """Adaptive selectors: the padded, masked batch gives what each image gives alone; ``layer``'s selector must
+    keep different counts for different images, or the check proves nothing."""
+    import vitprune
+
+    with torch.no_grad():
+        batch = model(x)
+        counts = vitprune.last_trace(model).notes["selector_kept"][layer]
+        single = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    assert len(set(counts.tolist())) > 1, "the test needs images with different kept counts"
+    torch.testing.assert_close(batch, single, atol=1e-4, rtol=0)
+
+
 def make_vit(name: str = "deit_tiny_patch16_224", **kwargs):
     """A random-init timm model in eval mode (no hub access needed)."""
     import timm

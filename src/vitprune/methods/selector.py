@@ -211,6 +211,12 @@ class TokenSelector(TokenReducer):
         n_pack = 0 if state.index is None else int((state.index[0] == PACKAGE_INDEX).sum())
         return state.num_prefix, state.num_tokens - n_pack
 
+    def _count(self, layer: int, n: int, count: int | None = None) -> int:
+        """Tokens a fixed-count selector keeps of ``n`` candidates: ``count``, else the schedule's
+        ``round(keep_i · patches)``; at least 1."""
+        k = count if count is not None else round(self.keep_at[layer] * self.patches_at[layer])
+        return max(1, min(n, k))
+
     def _select_masked(self, layer: int, selector: MultiHeadSelector, state: TokenState, trace: Trace) -> TokenState:
         """Training: hard decisions (top-k or Gumbel, see the module docstring) as a key mask; no token moves."""
         p, e = self._split(state)
@@ -219,8 +225,7 @@ class TokenSelector(TokenReducer):
         prev = keep[:, p:e]
         log_probs, probs = selector(x, prev)
         if self.train_decisions == "topk":
-            k = max(1, min(e - p, round(self.keep_at[layer] * self.patches_at[layer])))
-            hard = topk_keep(log_probs, prev, k) * prev
+            hard = topk_keep(log_probs, prev, self._count(layer, e - p)) * prev
         else:
             hard = gumbel_keep(log_probs, self.tau) * prev
         dropped = prev - hard  # dropped at this stage
@@ -243,8 +248,7 @@ class TokenSelector(TokenReducer):
             score = score.masked_fill(prev <= 0, -1.0)  # padding never comes back
         n = e - p
         if self.mode == "fixed":
-            k = count if count is not None else round(self.keep_at[layer] * self.patches_at[layer])
-            k = max(1, min(n, k))
+            k = self._count(layer, n, count)
             order = score.argsort(dim=1, descending=True)
             kept_mask = None
         else:

@@ -253,15 +253,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int, dict[str, float]], None
             terms["kl"] = cfg.loss.kl * distill_kl(logits, t_logits)
             if selectors:
                 keeps = trace.notes["selector_keep"]
-                if lut is None and method.train_decisions == "topk":
-                    pass  # the counts are the targets by construction
-                elif lut is None:
-                    targets = [method.keep_at[layer] for layer in keeps]
-                    terms["ratio"] = cfg.loss.ratio * ratio_loss(list(keeps.values()), targets)
-                else:
+                if lut is not None:
                     predicted = lut.predict_ms(soft_tokens(method, keeps, info), selectors_at=method.blocks)
                     terms["latency"] = cfg.loss.latency * latency_sparsity_loss(predicted, budget).float()
                     last["predicted_ms"] = float(predicted.detach())
+                elif method.train_decisions == "gumbel":  # top-k keeps the target counts by construction
+                    targets = [method.keep_at[layer] for layer in keeps]
+                    terms["ratio"] = cfg.loss.ratio * ratio_loss(list(keeps.values()), targets)
                 # masked training keeps positions: compare token by token (hierarchical models such as PiT return
                 # only their prefix tokens from forward_features, so they have no token term)
                 if feats.shape[1] >= t_feats.shape[1] > p0:
