@@ -1,20 +1,32 @@
-# Two entry points (see README): `make bench` and `make test`. Both create .venv on first use.
+# Two entry points (see README): `make bench` and `make test`. Both install the locked set (uv.lock) on first use.
 PYTHON ?= python3
-VENV ?= .venv
-PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+UV := .uv/bin/uv
+VENV := .venv
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+# uv itself, pinned, in a project-local folder: no system install, no root needed.
+$(UV):
+	$(PYTHON) -m pip install -q --disable-pip-version-check --target .uv "uv==$(UV_VERSION)"
+
+# Exactly the versions in uv.lock (fails if the lock is out of date with pyproject.toml).
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --all-extras --python $(PYTHON)
 	touch $(STAMP)
 
-.PHONY: setup bench test
+.PHONY: setup bench test lock drift
 setup: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/vitprune bench
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/python -m pytest -q
+
+# Re-resolve uv.lock after changing dependencies in pyproject.toml.
+lock: | $(UV)
+	$(UV) lock
+
+# The newest releases of torch, timm, transformers and onnxruntime against the smoke tests (CI runs this too).
+drift: | $(UV)
+	bash .ci/drift

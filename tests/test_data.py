@@ -85,7 +85,7 @@ def test_npz_alternate_keys_and_limit(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", images=images, labels=np.array([0, 0, 0, 1, 1, 1]))
     ds = NpzDataset(tmp_path / "d.npz", limit=2)
     assert len(ds) == 2
-    (x0, y0), (x1, y1) = ds[0], ds[1]
+    (_x0, y0), (x1, y1) = ds[0], ds[1]
     assert (y0, y1) == (0, 1)
     assert torch.allclose(x1, torch.from_numpy(images[3]).float().div(255).unsqueeze(0))
 

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import timm
 
 import vitprune
 from vitprune.methods.tome import bipartite_soft_matching, merge_schedule
@@ -28,6 +27,7 @@ def images(model, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name,kwargs", MODELS)
 def test_reduction_off_equals_unpatched(name, kwargs):
     model = make_vit(name, **kwargs)
@@ -41,6 +41,7 @@ def test_reduction_off_equals_unpatched(name, kwargs):
             assert (out - ref).abs().max().item() < 1e-5, (method, name)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name,kwargs", MODELS[:2])
 def test_unpatch_restores_exactly(name, kwargs):
     model = make_vit(name, **kwargs)
@@ -60,6 +61,7 @@ def test_unpatch_restores_exactly(name, kwargs):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.smoke
 def test_tome_token_counts_follow_schedule():
     model = make_vit("deit_small_patch16_224")
     x = images(model, 1)
@@ -162,6 +164,7 @@ def test_avg_pool_is_size_weighted():
     assert (out - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.smoke
 def test_batch_equals_one_by_one():
     model = make_vit("deit_tiny_patch16_224")
     x = images(model, 3)

@@ -79,6 +79,7 @@ TIMM = {
 
 # ---- the same model, the same numbers -----------------------------------------------------------------------
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("cls", list(CONFIGS), ids=lambda c: c.__name__)
 def test_reduction_off_equals_unpatched(cls):
     model = make_hf(cls)
@@ -111,6 +112,7 @@ def test_dinov2_swiglu_and_macs():
     assert count_macs(model, x).macs == pytest.approx(info.depth * block + info.patch_embed_macs, rel=1e-6)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", list(TIMM))
 def test_timm_and_hf_share_one_engine(family):
     """Same weights, same method → same outputs and token counts: the two backends run one engine."""

@@ -70,6 +70,7 @@ def exported(tmp_path_factory):
     return get
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_ort_matches_pytorch(exported, name):
     model, x, path = exported(name)

@@ -20,6 +20,7 @@ def pit(name: str = "pit_ti_224", **kwargs):
     return make_vit(name, **kwargs)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
 def test_reduction_off_equals_unpatched(name):
     model = pit(name)
@@ -42,6 +43,7 @@ def test_model_info_describes_each_stage():
         (2, 64, 2, (27, 27)), (6, 128, 4, (14, 14)), (4, 256, 8, (7, 7))]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("method,packages", [("spvit", "append"), ("heatvit", "update")])
 def test_token_counts_per_stage_follow_the_schedule(method, packages):
     model = pit()

@@ -3,9 +3,11 @@
     import timm, vitprune
     model = timm.create_model("deit_small_patch16_224")
     vitprune.patch(model, "tome", r=13)      # in place; returns the model
+    vitprune.count_macs(model, torch.randn(1, 3, 224, 224)).gmacs   # from the executed ops
     vitprune.unpatch(model)                   # exactly the original again
     model = vitprune.load("testbed", "results/train/heatvit")   # base weights + a `vitprune train` folder
 """
+from .measure.flops import MacsCount, UncountedOpError, count_macs
 from .methods.base import ModelInfo, TokenReducer, Trace
 from .patching import is_patched, last_trace, patch, unpatch
 from .registry import available_methods, create_method, register_method
@@ -27,5 +29,8 @@ __all__ = [
     "Trace",
     "last_trace",
     "load",
+    "count_macs",
+    "MacsCount",
+    "UncountedOpError",
 ]
 

@@ -28,7 +28,6 @@ every swapped-in layer runs through its own ``forward``, in any grad mode.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch

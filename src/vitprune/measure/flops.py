@@ -7,6 +7,9 @@ Only matmul-like ops are counted (mm/addmm/bmm/matmul, convolution, scaled-dot-p
 exactly what papers count; softmax, LayerNorm, GELU, adds, gathers and token sorting are free here.
 Counting executed ops (rather than a formula) means a token-reduction method is charged for the
 tokens it really processes, including any extra matmuls its scoring/merging does.
+
+The counter is given formulas for every attention op the installed torch may run (``op_formulas``), and a forward
+that runs a matmul-like op with no formula raises ``UncountedOpError`` instead of reporting a figure that misses it.
 """
 from __future__ import annotations
 
@@ -14,7 +17,29 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from .op_formulas import is_matmul_like, missing_formulas
+
+
+class UncountedOpError(RuntimeError):
+    """A forward ran matmul-like ops that the flop counter has no formula for: its MACs would be too low."""
+
+
+class _OpsSeen(TorchDispatchMode):
+    """Records the name of every op a forward dispatches (next to the flop counter, which sees the same ops)."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, object] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        packet = getattr(func, "overloadpacket", func)
+        self.ops.setdefault(str(packet), packet)
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass
@@ -48,16 +73,24 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacsCount:
     batch = int(example.shape[0])
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=missing_formulas())
+    seen = _OpsSeen()
     try:
         model.eval().requires_grad_(False)
-        with torch.no_grad(), counter:
+        with torch.no_grad(), seen, counter:
             model(example)
     finally:
         for m, training in modes.items():
             m.training = training
         for p, flag in grads.items():
             p.requires_grad_(flag)
+    uncounted = sorted(name for name, op in seen.ops.items() if is_matmul_like(name) and op not in counter.flop_registry)
+    if uncounted:
+        raise UncountedOpError(
+            f"torch {torch.__version__} ran {', '.join(uncounted)}, which its flop counter cannot count, so the MACs "
+            "would be too low. Add a formula in vitprune/measure/op_formulas.py, or install the locked torch "
+            "(`make setup`)."
+        )
     per_op = {
         str(op).removeprefix("aten."): flops / 2 / batch
         for op, flops in counter.get_flop_counts().get("Global", {}).items()
