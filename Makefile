@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) sync --locked --all-extras --python $(PYTHON)
 	touch $(STAMP)
 
-.PHONY: setup bench test lock drift
+.PHONY: setup bench test lock drift docs docs-build figures
 setup: $(STAMP)
 
 bench: $(STAMP)
@@ -30,3 +30,14 @@ lock: | $(UV)
 # The newest releases of torch, timm, transformers and onnxruntime against the smoke tests (CI runs this too).
 drift: | $(UV)
 	bash .ci/drift
+
+# The documentation site (MkDocs Material + mkdocstrings): serve locally, or build as CI does.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Regenerate docs/figures from the shared assets (token pictures, the testbed's accuracy-vs-MACs plot).
+figures: $(STAMP)
+	$(VENV)/bin/python docs/figures.py

@@ -85,7 +85,7 @@ def test_cli_bench_on_testbed(tmp_path):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, [
         "bench", "--limit", "200", "--rounds", "1", "--batch-size", "8",
-        "-m", "tome:r=4", "-m", "evit:keep=0.5", "--out", str(out),
+        "-m", "tome:r=4", "-m", "evit:keep=0.5", "--out", str(out), "--speed-model", "deit_tiny_patch16_224",
     ])
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "bench.json").read_text())
@@ -97,10 +97,13 @@ def test_cli_bench_on_testbed(tmp_path):
     assert (out / "bench.csv").exists() and (out / "pareto.png").stat().st_size > 5000
     assert "tome" in result.output and "GMACs" in result.output
     assert "accuracy at ≈ −35% MACs" in result.output and "evit: " in result.output
+    assert all(r["img_per_s"] is None for r in rows)  # 64 tokens: timed on the speed model instead
+    speed = json.loads((out / "speed" / "bench.json").read_text())["rows"]
+    assert [r["model"] for r in speed] == ["deit_tiny_patch16_224"] * 3 and all(r["img_per_s"] > 0 for r in speed)
+    assert "Speed is timed on deit_tiny_patch16_224" in " ".join(result.output.split())
 
 
 def test_cli_rejects_bad_method():
     result = CliRunner().invoke(app, ["bench", "--model", "deit_tiny_patch16_224", "-m", "evit:keep=2",
                                       "--no-speed"])
-    assert result.exit_code != 0
-    assert "(0, 1]" in str(result.exception)
+    assert result.exit_code == 2 and "(0, 1]" in result.output and "Traceback" not in result.output

@@ -10,7 +10,7 @@
 from .measure.flops import MacsCount, UncountedOpError, count_macs
 from .methods.base import ModelInfo, TokenReducer, Trace
 from .patching import is_patched, last_trace, patch, unpatch
-from .registry import available_methods, create_method, register_method
+from .registry import available_backends, available_methods, create_method, register_backend, register_method
 from .tokens import TokenState
 from .train.checkpoint import load
 
@@ -23,6 +23,8 @@ __all__ = [
     "available_methods",
     "create_method",
     "register_method",
+    "register_backend",
+    "available_backends",
     "TokenReducer",
     "TokenState",
     "ModelInfo",

@@ -1,16 +1,39 @@
 """The ``vitprune`` command line (typer + rich)."""
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+import click
 import torch
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Token reduction for Vision Transformers.")
+from .progress import progress as progress_display
+
+class _CliGroup(TyperGroup):
+    """Runs a command; a user error (bad option value, unsupported model, missing file) becomes one line on stderr
+    and exit code 2, as click does for usage errors. Tracebacks are for bugs, or with ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            if ctx.meta.get(DEBUG_KEY) or os.environ.get("VITPRUNE_DEBUG"):
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise SystemExit(2) from None
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+DEBUG_KEY = "vitprune_debug"
+
+app = typer.Typer(cls=_CliGroup, add_completion=False, no_args_is_help=True,
+                  help="Token reduction for Vision Transformers.", pretty_exceptions_show_locals=False)
 console = Console(width=None if Console().is_terminal else 160)  # logs and CI get full tables
 
 
@@ -20,6 +43,36 @@ class DType(str, Enum):
 
 
 DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16}
+SPEED_MODEL = "deit_small_patch16_224"  # where ``vitprune bench`` times the testbed's methods
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (also VITPRUNE_DEBUG=1)."),
+) -> None:
+    ctx.meta[DEBUG_KEY] = debug
+
+
+def check_device(device: str) -> str:
+    """A device torch can use here, or one clear error: the CUDA driver's own message comes after 100 lines."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise typer.BadParameter(f"{device!r} is not a device ({err}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"{device}: torch sees no CUDA GPU on this machine; use --device cpu")
+    return device
+
+
+def patchable_model(name: str, **kwargs) -> torch.nn.Module:
+    """``models.create_model`` for the commands: a model vitprune cannot patch is refused up front, with the reason."""
+    from .models import create_model
+    from .patching import _backend
+
+    net = create_model(name, **kwargs)
+    _backend(net)
+    return net
 
 
 @app.command()
@@ -47,31 +100,34 @@ def bench(
     suite: str = typer.Option("core", help="Default method set when no --method: 'core' (ToMe, EViT at 3 levels; "
                               "PPT, ToGo at their papers' level; ~3 min on the testbed) or 'all' (every training-free "
                               "method at 3 levels + PPT policy and ToGo package ablations; ~7 min)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate on an evenly strided subset of this many images."),
-    batch_size: int = typer.Option(32, help="Batch for the throughput measurement."),
-    threads: int = typer.Option(2, help="CPU threads for the throughput measurement."),
-    rounds: int = typer.Option(5, help="Interleaved timing rounds (each times every configuration once)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on an evenly strided subset of this many images."),
+    batch_size: int = typer.Option(32, min=1, help="Batch for the throughput measurement."),
+    threads: int = typer.Option(2, min=1, help="CPU threads for the throughput measurement."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved timing rounds (each times every configuration once)."),
     speed: bool = typer.Option(True, help="Measure throughput."),
     accuracy: bool = typer.Option(True, help="Measure top-1 (needs labelled data)."),
     dtype: DType = typer.Option(DType.fp32, help="Compute dtype."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", callback=check_device, help="cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Folder for bench.csv, bench.json and pareto.png. Default: results/bench/<model>."),
     runtime: str = typer.Option("pytorch", help="'pytorch', or 'onnxruntime': each configuration also exported to ONNX "
                                 "and run in ONNX Runtime fp32 and dynamic int8 (CPU, --threads), rows in the same "
                                 "table and round-robin timing."),
+    speed_model: str = typer.Option("auto", help="Time the methods on this model instead, in a second table: 'auto' "
+                                    f"= {SPEED_MODEL} for the testbed (64 tokens are too few for speed to mean "
+                                    "anything), the model itself otherwise; 'none' = time --model itself."),
 ) -> None:
     """Measure GMACs, img/s (speedup vs unpatched, same run), top-1 and tokens per block for several methods."""
-    from .bench import NOISY_IQR, BenchSettings, accuracy_at_cost, check_runtime, default_specs, run_bench, save_outputs
+    from .bench import BenchSettings, check_runtime, default_specs
     from .measure.data import image_transform_for, load_dataset
-    from .measure.report import print_table
-    from .models import TESTBED_NAMES, create_model
+    from .models import TESTBED_NAMES
 
     try:
         check_runtime(runtime, device, DTYPES[dtype])
     except ValueError as e:
         raise typer.BadParameter(str(e))
-    net = create_model(model, checkpoint=checkpoint, pretrained=pretrained)
-    if data is None and accuracy and model.lower().removeprefix("hf:") in TESTBED_NAMES:
+    net = patchable_model(model, checkpoint=checkpoint, pretrained=pretrained)
+    testbed = model.lower().removeprefix("hf:") in TESTBED_NAMES
+    if data is None and accuracy and testbed:
         data = "testbed"
     dataset = None
     if data is not None and accuracy:
@@ -80,29 +136,51 @@ def bench(
             raise typer.BadParameter(f"dataset {data} is empty")
     elif accuracy:
         console.print("[yellow]no --data given: top-1 not measured[/]")
-    in_chans, size = net.patch_embed.proj.in_channels, tuple(net.patch_embed.img_size)
-    if dataset is not None:
-        example = torch.stack([dataset[i][0] for i in range(min(batch_size, len(dataset)))])
-    else:
-        example = torch.randn(batch_size, in_chans, *size)
-    specs = list(method) if method else default_specs(net.patch_embed.num_patches, suite)
+    if speed_model == "auto":
+        speed_model = SPEED_MODEL if testbed and speed else "none"
+    timed_here = speed and speed_model == "none"
     settings = BenchSettings(batch_size=batch_size, threads=threads, rounds=rounds,
-                             measure_speed=speed, dtype=DTYPES[dtype], device=device, runtime=runtime)
+                             measure_speed=timed_here, dtype=DTYPES[dtype], device=device, runtime=runtime)
+    out = out or Path("results") / "bench" / model.replace("/", "_")
+    specs = list(method) if method else default_specs(net.patch_embed.num_patches, suite)
+    what = "top-1 on the test data, MACs from executed ops" + (", img/s and speedup" if timed_here else "")
+    _bench_table(net, model, specs, dataset, settings, out, what, data_label=data)
+    if speed_model != "none":
+        console.print(f"\n[bold]Speed[/] is timed on {speed_model} (random init): at the testbed's 64 tokens, per-block "
+                      "overheads hide what token reduction saves. The same method settings relative to the patch "
+                      "count (or your --method specs) run there:")
+        fast = patchable_model(speed_model)
+        fast_specs = list(method) if method else default_specs(fast.patch_embed.num_patches, suite)
+        _bench_table(fast, speed_model, fast_specs, None, replace(settings, measure_speed=True), out / "speed",
+                     "MACs from executed ops, img/s and speedup against the unpatched model in the same run")
+
+
+def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, settings, out: Path, what: str,
+                 data_label: str | None = None) -> None:
+    """One ``vitprune bench`` table: run, print (saying what the figures are), save."""
+    from .bench import NOISY_IQR, accuracy_at_cost, run_bench, save_outputs
+    from .measure.report import print_table
+
+    if dataset is not None:
+        example = torch.stack([dataset[i][0] for i in range(min(settings.batch_size, len(dataset)))])
+    else:
+        example = torch.randn(settings.batch_size, net.patch_embed.proj.in_channels, *net.patch_embed.img_size)
     has_data = dataset is not None
-    per_config = 1 + has_data + (runtime == "onnxruntime") * (1 + 2 * has_data)  # MACs, accuracy; export, ORT accuracy
-    steps = (len(specs) + 1) * per_config + speed
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=steps)
+    per_config = 1 + has_data + (settings.runtime == "onnxruntime") * (1 + 2 * has_data)  # MACs, top-1; ORT
+    with progress_display(console) as progress:
+        task = progress.add_task(f"bench {model}", total=(len(specs) + 1) * per_config + settings.measure_speed)
 
         def on_step(msg: str) -> None:
-            progress.update(task, advance=0 if progress.tasks[0].description == "bench" else 1, description=msg)
+            progress.update(task, advance=0 if progress.tasks[0].description.startswith("bench") else 1,
+                            description=msg)
 
         result = run_bench(net, model, specs, dataset, settings, example, on_step=on_step)
-    result.meta.update({"data": str(data) if dataset is not None else None,
-                        "n_eval": len(dataset) if dataset is not None else None})
-    print_table(result.rows, title=f"vitprune bench — {model} (batch {batch_size}, {threads} threads, "
-                f"{dtype.value}, {device})", console=console)
+    result.meta.update({"data": str(data_label) if has_data else None,
+                        "n_eval": len(dataset) if has_data else None})
+    timing = f"batch {settings.batch_size}, {settings.threads} threads, " if settings.measure_speed else ""
+    dtype = "bf16" if settings.dtype == torch.bfloat16 else "fp32"
+    print_table(result.rows, title=f"vitprune bench — {model} ({timing}{dtype}, {settings.device}): {what}",
+                console=console)
     if result.meta.get("noisy_timings"):
         console.print(f"[yellow]timings are noisy (round-to-round spread > {NOISY_IQR:.0%} of the median) for "
                       f"{', '.join(result.meta['noisy_timings'])}: was the machine busy? Re-run with more --rounds "
@@ -112,8 +190,7 @@ def bench(
         console.print("[bold]accuracy at ≈ −35% MACs[/] (closest row per method):")
         for line in summary:
             console.print("  " + line)
-    paths = save_outputs(result, out or Path("results") / "bench" / model.replace("/", "_"))
-    for p in paths:
+    for p in save_outputs(result, out):
         console.print(f"wrote {p}")
 
 
@@ -128,7 +205,7 @@ def viz(
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights, loaded strictly."),
     method: Optional[list[str]] = typer.Option(
         None, "--method", "-m", help="Method spec, repeatable. Default: tome:r=16 and evit:keep=0.5."),
-    max_images: int = typer.Option(8, help="At most this many images from folders."),
+    max_images: int = typer.Option(8, min=1, help="At most this many images from folders."),
     out: Path = typer.Option(Path("results/viz"), help="Output folder for the PNGs."),
 ) -> None:
     """Token pictures: one panel per reducing block showing kept, merged, packed and dropped patches."""
@@ -137,7 +214,6 @@ def viz(
     from . import patching
     from .measure.data import image_transform_for
     from .measure.pictures import token_figure
-    from .models import create_model
     from .specs import parse_method_spec
 
     files: list[Path] = []
@@ -150,7 +226,7 @@ def viz(
             raise typer.BadParameter(f"{item} does not exist; give an image file or a folder of images")
     if not files:
         raise typer.BadParameter("no images found; give --image with a .jpg/.png file or a folder holding some")
-    net = create_model(model, checkpoint=checkpoint)
+    net = patchable_model(model, checkpoint=checkpoint)
     transform = image_transform_for(net)
     mode = "L" if net.patch_embed.proj.in_channels == 1 else "RGB"
     specs = list(method) if method else ["tome:r=16", "evit:keep=0.5"]
@@ -169,15 +245,15 @@ def viz(
 def lut(
     model: str = typer.Option("testbed", help="'testbed', 'dinov2_vits14', or a timm name (as for bench). Weights "
                               "do not change latency, so none are loaded (no assets needed)."),
-    batch_size: int = typer.Option(32, help="Batch the latencies are measured for (the batch you will run)."),
-    threads: int = typer.Option(2, help="CPU threads."),
+    batch_size: int = typer.Option(32, min=1, help="Batch the latencies are measured for (the batch you will run)."),
+    threads: int = typer.Option(2, min=1, help="CPU threads."),
     dtype: DType = typer.Option(DType.fp32, help="Compute dtype."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", callback=check_device, help="cpu or cuda."),
     counts: str = typer.Option("grid", help="Token counts to time: 'grid' (1, every ~N/16 tokens, N; N = patches + "
                                "prefix tokens), 'all' (1..N; slow on CPU) or a comma list such as 1,16,32,65."),
     per_block: bool = typer.Option(False, "--per-block", help="Time every block (default: block 0 stands for all, "
                                    "as a plain ViT's blocks have identical shapes)."),
-    rounds: int = typer.Option(5, help="Round-robin timing rounds (median per token count)."),
+    rounds: int = typer.Option(5, min=1, help="Round-robin timing rounds (median per token count)."),
     check: bool = typer.Option(False, "--check", help="Then time real patched forwards and compare measured with "
                                "predicted latency and speedup."),
     method: Optional[list[str]] = typer.Option(
@@ -192,12 +268,11 @@ def lut(
 
     from rich.table import Table
 
-    from .models import create_model
     from .train.lut import check_lut, default_check_specs, profile_lut
 
     from .backends.timm import model_info
 
-    net = create_model(model, shared_weights=False)
+    net = patchable_model(model, shared_weights=False)
     if counts in ("grid", "all"):
         count_arg: object = counts
     else:
@@ -215,8 +290,7 @@ def lut(
         depth = table.depth
     else:
         start = time.perf_counter()
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
+        with progress_display(console) as progress:
             task = progress.add_task("lut", total=None)
 
             def on_step(done: int, total: int, what: str) -> None:
@@ -285,7 +359,7 @@ def hw(
     checkpoint: Optional[Path] = typer.Option(None, help="Local weights for --model (data-dependent counts use them)."),
     data: Optional[str] = typer.Option(None, help="Images for the --model forward (.npz, list file, image folder or "
                                        "'testbed'). Default: random inputs."),
-    batch_size: int = typer.Option(8, help="Images in the --model forward (token counts are per forward)."),
+    batch_size: int = typer.Option(8, min=1, help="Images in the --model forward (token counts are per forward)."),
     preset: str = typer.Option("zcu102", help="Accelerator defaults: 'zcu102' or 'zcu104' (numbers and sources in "
                                "vitprune.hw.accel); the options below override them."),
     pe_rows: Optional[int] = typer.Option(None, help="PE array rows (input channels of a weight tile). zcu102: 32."),
@@ -308,7 +382,6 @@ def hw(
     from .hw.accel import (HEATVIT_BLOCKS, HEATVIT_SPEEDUP_RANGE, PRESETS, calibration_check, options_from_config,
                            predict)
     from .measure.report import MISSING, BenchRow, compact_tokens, read_json
-    from .models import create_model
     from .specs import parse_method_spec
 
     if preset not in PRESETS:
@@ -356,7 +429,7 @@ def hw(
         from .measure.data import image_transform_for, load_dataset
         from .measure.flops import count_macs
 
-        net = create_model(model, checkpoint=checkpoint)
+        net = patchable_model(model, checkpoint=checkpoint)
         in_chans, size = net.patch_embed.proj.in_channels, tuple(net.patch_embed.img_size)
         if data is not None:
             dataset = load_dataset(data, transform=image_transform_for(net), limit=batch_size)
@@ -385,7 +458,7 @@ def hw(
     inferred = False
     for row in rows:
         if row.model not in infos:
-            infos[row.model] = model_info(create_model(row.model, shared_weights=False))
+            infos[row.model] = model_info(patchable_model(row.model, shared_weights=False))
         spec = row.extra.get("spec") or row.method
         try:
             config = parse_method_spec(spec)[1]
@@ -416,9 +489,9 @@ def train(
     checkpoint: Optional[Path] = typer.Option(None, help="Base weights, loaded strictly."),
     data: str = typer.Option("testbed-train", help="Training data: 'testbed-train' (Fashion-MNIST train split), "
                              ".npz, list file or image folder."),
-    limit: Optional[int] = typer.Option(None, help="Train on an evenly strided subset of this many images."),
-    steps: int = typer.Option(300, help="Optimizer steps."),
-    batch_size: int = typer.Option(64, help="Batch per process."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Train on an evenly strided subset of this many images."),
+    steps: int = typer.Option(300, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(64, min=1, help="Batch per process."),
     lr: float = typer.Option(1e-3, help="Learning rate of the selectors."),
     backbone_lr: float = typer.Option(2e-5, help="Learning rate of the backbone (full fine-tune)."),
     freeze_backbone: Optional[bool] = typer.Option(
@@ -440,13 +513,13 @@ def train(
                                            "(HeatViT's 8-bit fixed point, + polynomial GELU/softmax)."),
     per_channel: bool = typer.Option(False, help="Per-channel weight scales with --quantize."),
     val_data: Optional[str] = typer.Option("testbed", help="Labelled data to evaluate on after training ('' = none)."),
-    val_limit: Optional[int] = typer.Option(None, help="Evaluate on a strided subset."),
+    val_limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on a strided subset."),
     out: Optional[Path] = typer.Option(None, help="Output folder. Default: results/train/<method>."),
     save_every: int = typer.Option(100, help="Checkpoint every N steps (and at the end)."),
     log_every: int = typer.Option(10, help="Write a log.jsonl line every N steps (and at the end)."),
     resume: bool = typer.Option(False, help="Continue from <out>/resume.pt after an interruption."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("cpu", help="cpu or cuda (torchrun: one GPU per process)."),
+    device: str = typer.Option("cpu", callback=check_device, help="cpu or cuda (torchrun: one GPU per process)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads per process."),
 ) -> None:
     """Train learned token selectors (or fine-tune under a method), distilled from the unpatched model."""
@@ -483,37 +556,37 @@ def export(
                                "tome:r=13 or 'evit:keep=0.7,blocks=(3,6,9)'; 'none' exports the unpatched model."),
     int8: bool = typer.Option(False, "--int8", help="Also write <out>.int8.onnx: ONNX Runtime dynamic int8 "
                               "(MatMul/Gemm weights int8, activations uint8 per batch)."),
-    batch_size: int = typer.Option(2, help="Images in the example batch (compared PyTorch vs ONNX Runtime)."),
+    batch_size: int = typer.Option(2, min=1, help="Images in the example batch (compared PyTorch vs ONNX Runtime)."),
     dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Symbolic batch axis, or fixed "
                                        "to --batch-size."),
     opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
-    threads: int = typer.Option(2, help="ONNX Runtime threads for the check."),
+    threads: int = typer.Option(2, min=1, help="ONNX Runtime threads for the check."),
 ) -> None:
     """Export a model (patched with a fixed-count method, or not) to ONNX; check it and compare ORT with PyTorch."""
     from . import patching
     from .hw.onnx_export import (OrtModule, example_input, export_onnx, file_size, max_abs_diff, onnx_opset,
                                  ort_session, quantize_dynamic_int8)
-    from .models import create_model
     from .specs import parse_method_spec
 
-    try:
-        name, config = parse_method_spec(method)
-        net = create_model(model, checkpoint=checkpoint)
-        if name != "none":
-            patching.patch(net, name, **config)
-        x = example_input(net, batch_size)
+    name, config = parse_method_spec(method)
+    net = patchable_model(model, checkpoint=checkpoint)
+    if name != "none":
+        patching.patch(net, name, **config)
+    x = example_input(net, batch_size)
+    with progress_display(console) as progress:
+        task = progress.add_task(f"exporting {model} to ONNX (opset {opset})", total=2 + 2 * int8)
         path = export_onnx(net, out, sample=x, opset=opset, dynamic_batch=dynamic_batch)
-    except ValueError as e:
-        raise typer.BadParameter(str(e))
-    batch = "dynamic" if dynamic_batch else batch_size
-    console.print(f"onnx.checker: passed (opset {onnx_opset(path)}, batch {batch})")
-    targets = [("fp32", path)]
-    if int8:
-        targets.append(("int8", quantize_dynamic_int8(path, path.with_name(path.stem + ".int8.onnx"))))
-    for precision, file in targets:
-        diff = max_abs_diff(net, OrtModule(ort_session(file, threads)), x)
-        console.print(f"{precision}: {file}  {file_size(file) / 2**20:.1f} MiB  PyTorch vs ONNX Runtime max |diff| "
-                      f"{diff:.2e} on {x.shape[0]} images")
+        batch = "dynamic" if dynamic_batch else batch_size
+        progress.console.print(f"onnx.checker: passed (opset {onnx_opset(path)}, batch {batch})")
+        targets = [("fp32", path)] + ([("int8", path.with_name(path.stem + ".int8.onnx"))] if int8 else [])
+        for precision, file in targets:
+            if precision == "int8":
+                progress.update(task, advance=1, description=f"int8: quantizing {file.name}")
+                quantize_dynamic_int8(path, file)
+            progress.update(task, advance=1, description=f"{precision}: comparing ONNX Runtime with PyTorch")
+            diff = max_abs_diff(net, OrtModule(ort_session(file, threads)), x)
+            progress.console.print(f"{precision}: {file}  {file_size(file) / 2**20:.1f} MiB  PyTorch vs ONNX Runtime "
+                                   f"max |diff| {diff:.2e} on {x.shape[0]} images")
 
 
 @app.command()
@@ -523,7 +596,7 @@ def quantize(
     data: str = typer.Option("testbed", help="Data (as for bench); labels are needed only for --labels."),
     method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Method specs, repeatable. Default: "
                                                "tome:r=4 and ppt:r=16 (≈ −30/−35% MACs on the testbed)."),
-    limit: Optional[int] = typer.Option(1000, help="Evaluate on a strided subset (None: all)."),
+    limit: Optional[int] = typer.Option(1000, min=1, help="Evaluate on a strided subset (None: all)."),
     calib_batches: int = typer.Option(4, help="Calibration batches of 32 images (from the start of the data)."),
     per_channel: bool = typer.Option(False, help="Per-channel power-of-two weight scales."),
     out: Optional[Path] = typer.Option(None, help="Folder for quantize.json. Default: results/quantize/<model>."),
@@ -536,9 +609,8 @@ def quantize(
     from .hw.precision import precision_rows
     from .measure.data import image_transform_for, load_dataset
     from .measure.report import print_table, write_json
-    from .models import create_model
 
-    net = create_model(model, checkpoint=checkpoint)
+    net = patchable_model(model, checkpoint=checkpoint)
     dataset = load_dataset(data, transform=image_transform_for(net), limit=limit)
     n_cal = min(len(dataset), 32 * calib_batches)
     samples = [dataset[i] for i in range(n_cal)]
@@ -550,8 +622,7 @@ def quantize(
         raise typer.BadParameter(f"--labels needs labelled data and a classifier, but {why}; use --fidelity.")
     reference = "labels" if fidelity is False or (fidelity is None and labelled and not headless) else "fidelity"
     specs = list(method) if method else ["tome:r=4", "ppt:r=16"]
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+    with progress_display(console) as progress:
         task = progress.add_task("quantize", total=3 * (len(specs) + 1) + (reference == "fidelity"))
         rows = precision_rows(net, model, specs, dataset, calibration, per_channel=per_channel, reference=reference,
                               on_step=lambda m: progress.update(task, advance=1, description=m))
@@ -601,6 +672,12 @@ def _print_fidelity_table(rows: list, title: str) -> None:
 
 
 def main() -> None:  # pragma: no cover
+    """The ``vitprune`` console script: ``--debug`` may stand anywhere on the line."""
+    import sys
+
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        os.environ["VITPRUNE_DEBUG"] = "1"
     app()
 
 

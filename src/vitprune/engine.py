@@ -75,5 +75,11 @@ class PatchContext:
                 grid=state.grid,
             )
 
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy the method, not the last forward's record (transient, and possibly part of a graph)."""
+        state = dict(self.__dict__)
+        state.update(last_trace=None, last_state=None, final_size=None, final_keep=None)
+        return state
+
     def __repr__(self) -> str:
         return f"PatchContext(method={self.method!r})"

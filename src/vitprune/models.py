@@ -6,6 +6,7 @@ Two built-in names load the offline shared weights: ``"fmnist_vit_tiny"`` (alias
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,21 +84,47 @@ def create_model(
     return model.eval()
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file on the CPU; a missing, truncated or corrupt file is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({err}): it is truncated, corrupt or another format; "
+            "re-download or re-save it"
+        ) from err
+
+
 def _read_state_dict(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path), device="cpu"))
+        return read_safetensors(path)
     if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        corrupt = f"{path} is not a readable PyTorch checkpoint: it is truncated, corrupt or another format"
+        with open(path, "rb") as f:
+            if not zipfile.is_zipfile(f) and f.seek(0) == 0 and f.read(1) != b"\x80":  # torch.save: zip or pickle
+                raise ValueError(f"{corrupt}; re-download or re-save it")
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
+            lines = str(err).strip().splitlines()
+            blocked = [line.strip() for line in lines if "Unsupported global" in line]
+            if not blocked:
+                raise ValueError(f"{corrupt} ({lines[0]})") from err
+            first = blocked[0]
             raise ValueError(
                 f"{path} holds pickled objects other than tensors, which are not loaded for safety; "
                 f"re-save just the state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors. "
-                f"({err})"
+                f"({first})"
             ) from err
+        except (RuntimeError, EOFError, OSError) as err:
+            raise ValueError(f"{corrupt} ({str(err).strip().splitlines()[0]})") from err
         return _unwrap(obj, path)
     raise ValueError(f"unsupported checkpoint type {path.name!r}: use .safetensors, .pth, .pt or .bin.")
 

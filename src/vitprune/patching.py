@@ -1,7 +1,6 @@
 """``patch`` / ``unpatch``: validate everything first, then swap the model's class; never leave a half-patched model."""
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -9,27 +8,14 @@ from torch import nn
 
 from .engine import PatchContext
 from .methods.base import TokenReducer
-from .registry import create_method
+from .registry import create_method, find_backend
 
 
 def _backend(model: nn.Module):
-    from .backends import timm as timm_backend
-
-    if timm_backend.is_timm_vit(model):
-        return timm_backend
-    from .backends import timm_pit
-
-    if timm_pit.is_timm_pit(model):
-        return timm_pit
+    backend = find_backend(model)
+    if backend is not None:
+        return backend
     _reject_windowed(model)
-    # transformers stays optional: a model can only be one of its classes if it has been imported already
-    if "transformers" in sys.modules:
-        try:
-            from .backends import hf as hf_backend
-        except ImportError:
-            hf_backend = None
-        if hf_backend is not None and hf_backend.is_hf_vit(model):
-            return hf_backend
     raise ValueError(
         f"unsupported model type {type(model).__module__}.{type(model).__name__}; vitprune patches timm "
         "VisionTransformer models (ViT, DeiT, distilled DeiT, DINOv2), e.g. timm.create_model('deit_small_patch16_224'), "

@@ -18,6 +18,8 @@ Once tokens are reduced, HF's per-layer outputs change meaning:
 """
 from __future__ import annotations
 
+import sys
+
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +30,7 @@ from ..attention import EXP_ATTR, AttentionScores, attend, masked_softmax
 from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
+from ..registry import register_backend
 from .swap import original_class, patched_class
 
 try:
@@ -451,3 +454,6 @@ def restore(model: nn.Module) -> None:
         module.__dict__.pop(INNER_ATTR, None)
     model.__class__ = model._vitprune.original_class
     del model._vitprune
+
+
+register_backend("hf", is_hf_vit, sys.modules[__name__])

@@ -12,13 +12,29 @@ _ORIGINAL: dict[type, type] = {}
 
 
 def patched_class(cls: type, mixin: type) -> type:
-    """``cls`` with ``mixin`` in front, named ``VitPrune<cls>`` (created once, then reused)."""
+    """``cls`` with ``mixin`` in front, named ``VitPrune<cls>`` (created once, then reused).
+
+    The class is made at run time, so pickle cannot find it by name: instances pickle as "rebuild the swapped class
+    from (cls, mixin), then restore the state", and both of those are importable. So a patched model goes through
+    ``pickle``, ``torch.save``/``torch.load(weights_only=False)``, ``copy.deepcopy`` and DataLoader workers.
+    """
     key = (cls, mixin)
     if key not in _PATCHED:
-        new = type(f"VitPrune{cls.__name__}", (mixin, cls), {})
+        new = type(f"VitPrune{cls.__name__}", (mixin, cls), {"__reduce_ex__": _reduce_swapped})
         _PATCHED[key] = new
         _ORIGINAL[new] = cls
     return _PATCHED[key]
+
+
+def _reduce_swapped(self: nn.Module, protocol: int) -> tuple:
+    cls = type(self)
+    mixin = cls.__bases__[0]
+    return _new_swapped, (_ORIGINAL[cls], mixin), self.__getstate__()
+
+
+def _new_swapped(cls: type, mixin: type) -> nn.Module:
+    """Unpickling: an empty instance of the swapped class (``__setstate__`` then restores its state)."""
+    return object.__new__(patched_class(cls, mixin))
 
 
 def original_class(cls: type) -> type:

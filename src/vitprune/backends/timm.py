@@ -6,6 +6,8 @@ Only the model's class changes: its ``forward_features`` runs the blocks through
 """
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ from ..engine import PatchContext, run_blocks
 from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
+from ..registry import register_backend
 from .swap import swap_in, swap_out
 
 try:  # timm is a hard dependency, but keep the import error readable
@@ -183,3 +186,6 @@ def apply(model: nn.Module, ctx: PatchContext) -> None:
 
 def restore(model: nn.Module) -> None:
     swap_out(model)
+
+
+register_backend("timm", is_timm_vit, sys.modules[__name__])

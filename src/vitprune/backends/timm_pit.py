@@ -17,6 +17,8 @@ this backend does not have — it raises instead of silently mis-running. Parame
 """
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ from ..attention import AttentionScores
 from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, TokenReducer, Trace
 from ..tokens import PACKAGE_INDEX, TokenState
+from ..registry import register_backend
 from .swap import swap_in, swap_out
 from .timm import TimmBlockOps
 
@@ -232,3 +235,6 @@ def apply(model: nn.Module, ctx: PatchContext) -> None:
 
 def restore(model: nn.Module) -> None:
     swap_out(model)
+
+
+register_backend("timm_pit", is_timm_pit, sys.modules[__name__])

@@ -72,10 +72,9 @@ def _progress(enabled: bool, total: int | None, description: str) -> Iterator:
     if not enabled:
         yield lambda: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..progress import progress as progress_display
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
+    with progress_display() as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
 

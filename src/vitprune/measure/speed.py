@@ -6,6 +6,7 @@ on CUDA the Timer synchronises the device around each timed block.
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from dataclasses import dataclass
@@ -13,7 +14,20 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+
+def _benchmark():
+    """``torch.utils.benchmark``, imported on first use. Its import loads ``torch.utils.cpp_extension``, which logs
+    "No CUDA runtime is found" on every CPU-only machine: noise for a user who only times a model, so it is
+    silenced (and commands that time nothing never import it)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
 
 
 @dataclass
@@ -55,7 +69,7 @@ def measure_throughput(
                 model(example_batch)
             if example_batch.is_cuda:
                 torch.cuda.synchronize(example_batch.device)
-            timer = benchmark.Timer(
+            timer = _benchmark().Timer(
                 stmt="model(x)",
                 globals={"model": model, "x": example_batch},
                 num_threads=threads,
@@ -106,12 +120,12 @@ def round_robin(
             setup()
             for _ in range(warmup):
                 fn()
-            once = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads).timeit(1).median
+            once = _benchmark().Timer("fn()", globals={"fn": fn}, num_threads=threads).timeit(1).median
             numbers.append(max(1, math.ceil(min_round_time / max(once, 1e-6))))
         for _ in range(rounds):
             for i, (setup, fn) in enumerate(configs):
                 setup()
-                timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads, label="vitprune")
+                timer = _benchmark().Timer("fn()", globals={"fn": fn}, num_threads=threads, label="vitprune")
                 times[i].append(timer.timeit(numbers[i]).median)
     finally:
         torch.set_num_threads(prior_threads)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+import numbers
+from typing import Any, ClassVar, Iterable, Sequence
 
 from torch import Tensor
 
@@ -95,21 +96,44 @@ def check_keep(keep: float, what: str = "keep") -> float:
     return float(keep)
 
 
-def check_blocks(blocks: Sequence[int], depth: int, method: str) -> tuple[int, ...]:
+def is_whole(v: Any) -> bool:
+    """An integer (Python or numpy), not a bool: block indices and token counts must be whole numbers."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_blocks(blocks: int | Sequence[int], depth: int, method: str) -> tuple[int, ...]:
+    """Validated block indices, **in the order given**, so per-block values pair with the blocks the user paired them
+    with (:func:`per_block` then orders them). A single int means one block."""
+    if is_whole(blocks):
+        blocks = (blocks,)
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
+        raise TypeError(f"{method}: blocks must be block indices, e.g. blocks=(3, 6, 9), got {blocks!r}")
+    blocks = tuple(blocks)
+    if not blocks:
+        raise ValueError(
+            f"{method}: blocks is empty, so nothing would be reduced; give the blocks to reduce at, e.g. blocks=(3, 6, 9) "
+            "(to run the model without reduction, vitprune.unpatch it)"
+        )
+    not_whole = [b for b in blocks if not is_whole(b)]
+    if not_whole:
+        raise TypeError(f"{method}: blocks must be whole block indices, got {not_whole}")
     blocks = tuple(int(b) for b in blocks)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise ValueError(f"{method}: blocks {bad} do not exist; this model has blocks 0..{depth - 1}")
     if len(set(blocks)) != len(blocks):
         raise ValueError(f"{method}: blocks {blocks} repeat a block; list each block once")
-    return tuple(sorted(blocks))
+    return blocks
 
 
-def per_block(value: float | Sequence[float], blocks: Sequence[int], what: str) -> tuple[float, ...]:
-    """A scalar or one value per block → one value per block."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return tuple(float(value) for _ in blocks)
-    values = tuple(value)
+def per_block(value: Any, blocks: Sequence[int], what: str) -> dict[int, Any]:
+    """A scalar, or one value per block in the order ``blocks`` was given → {block: value} in ascending block order."""
+    if isinstance(value, (numbers.Number, str)):  # a bool too: the caller's check says what it should be
+        values = tuple(value for _ in blocks)
+    elif isinstance(value, Iterable):
+        values = tuple(value)
+    else:
+        raise TypeError(f"{what} must be a number or one number per block, got {value!r}")
     if len(values) != len(blocks):
         raise ValueError(f"{what} has {len(values)} values for {len(blocks)} blocks {tuple(blocks)}; give one per block")
-    return values
+    return dict(sorted(zip(blocks, values)))

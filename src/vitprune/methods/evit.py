@@ -58,9 +58,9 @@ class EViT(TokenReducer):
     prop_attn: bool = False
 
     def setup(self, info: ModelInfo) -> None:
-        self.blocks = check_blocks(self.blocks, info.depth, "evit")
-        keeps = per_block(self.keep, self.blocks, "evit keep")
-        self.keep_at = {b: check_keep(k) for b, k in zip(self.blocks, keeps)}
+        keeps = per_block(self.keep, check_blocks(self.blocks, info.depth, "evit"), "evit keep")
+        self.keep_at = {b: check_keep(k) for b, k in keeps.items()}
+        self.blocks = tuple(keeps)
 
     def reduce(self, layer: int, state: TokenState, scores: AttentionScores, trace: Trace) -> TokenState:
         keep = self.keep_at.get(layer)

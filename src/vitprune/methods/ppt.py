@@ -52,7 +52,7 @@ from torch import Tensor
 from ..attention import AttentionScores
 from ..registry import register_method
 from ..tokens import TokenState, gather_tokens, merge_tokens, with_prefix
-from .base import ModelInfo, TokenReducer, Trace, check_blocks
+from .base import ModelInfo, TokenReducer, Trace, check_blocks, is_whole, per_block
 from .tome import bipartite_soft_matching
 
 POLICIES = ("adaptive", "adaptive_invariant", "prune", "pool")
@@ -109,21 +109,11 @@ def pooled_fraction(trace: Trace) -> dict[int, float]:
 
 
 def _check_r(r: Any, blocks_given: Sequence[int]) -> dict[int, int]:
-    def one(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"ppt: r must be an int >= 0 (tokens removed per block), got {v!r}")
-        return int(v)
-
-    if isinstance(r, (list, tuple)):
-        values = [one(v) for v in r]
-        if len(values) != len(blocks_given):
-            raise ValueError(
-                f"ppt: r has {len(values)} values for {len(blocks_given)} blocks {tuple(blocks_given)}; "
-                "give one per block"
-            )
-    else:
-        values = [one(r)] * len(blocks_given)
-    return {int(b): v for b, v in zip(blocks_given, values)}
+    r_at = per_block(r, blocks_given, "ppt r")
+    bad = [v for v in r_at.values() if not is_whole(v) or v < 0]
+    if bad:
+        raise ValueError(f"ppt: r must be an int >= 0 (tokens removed per block), got {bad}")
+    return {b: int(v) for b, v in r_at.items()}
 
 
 @register_method("ppt")
@@ -155,9 +145,7 @@ class PPT(TokenReducer):
             raise ValueError(
                 f"ppt: ref_tokens must be a positive int (patch tokens the threshold was tuned for), got {rt!r}"
             )
-        given = tuple(int(b) for b in self.blocks)
-        check_blocks(given, info.depth, "ppt")
-        r_at = _check_r(self.r, given)
+        r_at = _check_r(self.r, check_blocks(self.blocks, info.depth, "ppt"))
         if self.policy != "pool" and not info.has_cls and any(r_at.values()):
             raise ValueError(
                 "ppt: the prune/adaptive policies score tokens by CLS attention and this model has no CLS token; "

@@ -168,10 +168,11 @@ class TokenSelector(TokenReducer):
         blocks = self.blocks
         if blocks is None:  # the papers' positions for 12 blocks, scaled to this depth
             blocks = sorted({min(info.depth - 1, round(b * info.depth / 12)) for b in self.default_blocks_12})
-        self.blocks = check_blocks(blocks, info.depth, self.name)
-        if self.blocks and self.blocks[0] == 0:
+        paired = per_block(self.keep, check_blocks(blocks, info.depth, self.name), f"{self.name} keep")
+        if 0 in paired:
             raise ValueError(f"{self.name}: a selector needs at least one block before it; use blocks ≥ 1")
-        keeps = tuple(check_keep(k) for k in per_block(self.keep, self.blocks, f"{self.name} keep"))
+        self.blocks = tuple(paired)
+        keeps = tuple(check_keep(k) for k in paired.values())
         # hierarchical models (PiT) describe each stage with its own ModelInfo (``info.stages``; blocks numbered
         # across stages); a pooling layer restores the full grid, so keep rates restart and must not increase only
         # within a stage, and each selector gets its stage's width and heads

@@ -273,14 +273,15 @@ class ToGo(TokenReducer):
             raise ValueError(f"togo head_weights must be one of {', '.join(HEAD_WEIGHTS)}, got {self.head_weights!r}")
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"togo group_score must be one of {', '.join(GROUP_SCORES)}, got {self.group_score!r}")
-        blocks = check_blocks(self.blocks, info.depth, "togo")
+        given = check_blocks(self.blocks, info.depth, "togo")
+        blocks = tuple(sorted(given))
         if self.target_macs is not None:
             if self.keep is not None:
                 raise ValueError("togo takes either keep= or target_macs=, not both")
             keep_at = self._solve_target(info, blocks)
         else:
-            keeps = per_block(0.7 if self.keep is None else self.keep, blocks, "togo keep")
-            keep_at = {b: check_keep(k, "togo keep") for b, k in zip(blocks, keeps)}
+            keeps = per_block(0.7 if self.keep is None else self.keep, given, "togo keep")
+            keep_at = {b: check_keep(k, "togo keep") for b, k in keeps.items()}
         # all validated: commit
         self.blocks = blocks
         self.keep_at = keep_at

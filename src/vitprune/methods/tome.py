@@ -8,6 +8,7 @@ proportional: logits get ``log(size)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import numbers
 from typing import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from ..attention import AttentionScores
 from ..registry import register_method
 from ..tokens import MergeFn, TokenState, merge_tokens
-from .base import ModelInfo, TokenReducer, Trace
+from .base import ModelInfo, TokenReducer, Trace, is_whole
 
 
 def _identity(x: Tensor, mode: str = "keep") -> Tensor:
@@ -66,24 +67,34 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[Me
 
 
 def merge_schedule(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]:
-    """Tokens to merge per block. ``r``: a constant, ``(r, inflection)`` for a linear ramp from r·(1−inflection)
-    to r·(1+inflection) (ToMe's decreasing/increasing schedules), or an explicit per-block list."""
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+    """Tokens to merge per block, read as the official ToMe reads ``r``: an int for every block; a **tuple**
+    ``(r, inflection)`` for a linear ramp from r·(1−inflection) to r·(1+inflection) (decreasing/increasing
+    schedules); a **list** with one value per block (blocks past its end merge nothing). Every count is a whole
+    number >= 0; fractions are refused rather than truncated."""
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(
+                f"ToMe r as a tuple is (r, inflection), got {len(r)} values {r!r}; give a per-block schedule as a list"
+            )
         base, inflection = r
+        if not is_whole(base) or base < 0 or isinstance(inflection, bool) or not isinstance(inflection, numbers.Real):
+            raise ValueError(f"ToMe r=(r, inflection) needs a whole r >= 0 and a number inflection, got {r!r}")
         if not -1.0 <= inflection <= 1.0:
             raise ValueError(f"ToMe inflection must be in [-1, 1], got {inflection}")
         lo = int(base * (1.0 - inflection))
         hi = 2 * base - lo
         step = (hi - lo) / max(depth - 1, 1)
-        values = [int(lo + step * i) for i in range(depth)]
-    elif isinstance(r, (list, tuple)):
+        return [int(lo + step * i) for i in range(depth)]
+    if is_whole(r):
+        values = [int(r)] * depth
+    elif isinstance(r, Sequence) and not isinstance(r, str):
         if len(r) > depth:
             raise ValueError(f"ToMe got {len(r)} per-block r values for a model with {depth} blocks")
+        if not all(is_whole(v) for v in r):
+            raise ValueError(f"ToMe per-block r must be whole numbers of tokens, got {list(r)}")
         values = [int(v) for v in r] + [0] * (depth - len(r))
-    elif isinstance(r, int) and not isinstance(r, bool):
-        values = [r] * depth
     else:
-        raise ValueError(f"ToMe r must be an int, (int, inflection) or a per-block list, got {r!r}")
+        raise ValueError(f"ToMe r must be an int, (r, inflection) or a per-block list, got {r!r}")
     if any(v < 0 for v in values):
         raise ValueError(f"ToMe r must be >= 0 in every block, got {values}")
     return values

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import patching
+from ..models import read_safetensors
 from ..methods.base import TokenReducer
 
 FORMAT = 1
@@ -91,7 +92,7 @@ def load_method_weights(module: nn.Module, folder: str | Path) -> None:
     if not config.get("selectors"):
         raise ValueError(f"{folder} holds no selectors (method {config['method']!r})")
     ref = next(iter(module.parameters()))
-    tensors = {k: v.to(ref.device, ref.dtype) for k, v in load_file(str(Path(folder) / SELECTORS)).items()}
+    tensors = {k: v.to(ref.device, ref.dtype) for k, v in read_safetensors(Path(folder) / SELECTORS).items()}
     _load_strict(module, tensors, folder)
 
 
@@ -102,7 +103,7 @@ def load_matching_selectors(module: nn.Module, folder: str | Path) -> list[str]:
     if not config.get("selectors"):
         return []
     own = module.state_dict()
-    tensors = load_file(str(Path(folder) / SELECTORS))
+    tensors = read_safetensors(Path(folder) / SELECTORS)
     take = {k: v for k, v in tensors.items() if k in own}
     bad = [k for k, v in take.items() if own[k].shape != v.shape]
     if bad:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..progress import progress as progress_display
 from .loop import TrainConfig, TrainResult, train
 
 
@@ -19,9 +19,7 @@ def run_training(cfg: TrainConfig, *, console: Console, multi_stage: bool = Fals
                  val_limit: int | None = None, label: str = "") -> dict[str, Any] | None:
     main = int(os.environ.get("RANK", "0")) == 0
     start = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not main) as progress:
+    with progress_display(console, info=True, enabled=main) as progress:
         task = progress.add_task(f"train {label}", total=cfg.steps, info="")
 
         def on_step(step: int, total: int, last: dict[str, float]) -> None:
