@@ -91,8 +91,10 @@ def run_bench(
     settings: BenchSettings,
     example: torch.Tensor,
     on_step: Callable[[str], None] | None = None,
+    on_detail: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Measure the unpatched model and every spec. ``example`` is one batch of inputs used for MACs and speed.
+    ``on_step(message)`` hears each step; ``on_detail(message)`` where a long step is (the speed rounds).
 
     The same model object is patched and unpatched for each spec, so no weights are copied.
     """
@@ -133,7 +135,7 @@ def run_bench(
         setups = [runner.setup(model, lambda n=name, c=config: _configure(model, n, c)) for name, config in configs]
         setups += [runner.setup(session) for _, _, session in ort]
         speeds = interleaved_throughput(runner, _speed_batch(example, settings.batch_size), setups,
-                                        threads=settings.threads, rounds=settings.rounds)
+                                        threads=settings.threads, rounds=settings.rounds, on_round=on_detail)
         _configure(model, "none", {})
         for row, sp in zip(rows + [row for _, row, _ in ort], speeds):
             row.img_per_s = sp.img_per_s

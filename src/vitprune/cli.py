@@ -143,7 +143,8 @@ def bench(
                              measure_speed=timed_here, dtype=DTYPES[dtype], device=device, runtime=runtime)
     out = out or Path("results") / "bench" / model.replace("/", "_")
     specs = list(method) if method else default_specs(net.patch_embed.num_patches, suite)
-    what = "top-1 on the test data, MACs from executed ops" + (", img/s and speedup" if timed_here else "")
+    what = ", ".join([f"top-1 on {data}"] * (dataset is not None) + ["MACs from executed ops"]
+                     + ["img/s and speedup against the unpatched model in the same run"] * timed_here)
     _bench_table(net, model, specs, dataset, settings, out, what, data_label=data)
     if speed_model != "none":
         console.print(f"\n[bold]Speed[/] is timed on {speed_model} (random init): at the testbed's 64 tokens, per-block "
@@ -174,7 +175,8 @@ def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, se
             progress.update(task, advance=0 if progress.tasks[0].description.startswith("bench") else 1,
                             description=msg)
 
-        result = run_bench(net, model, specs, dataset, settings, example, on_step=on_step)
+        result = run_bench(net, model, specs, dataset, settings, example, on_step=on_step,
+                           on_detail=lambda msg: progress.update(task, description=msg))
     result.meta.update({"data": str(data_label) if has_data else None,
                         "n_eval": len(dataset) if has_data else None})
     timing = f"batch {settings.batch_size}, {settings.threads} threads, " if settings.measure_speed else ""

@@ -101,6 +101,7 @@ def round_robin(
     rounds: int = 5,
     min_round_time: float = 0.5,
     warmup: int = 2,
+    on_round: Callable[[str], None] | None = None,
 ) -> tuple[list[list[float]], list[int]]:
     """Seconds per call of each configuration, timed round-robin with ``torch.utils.benchmark``.
 
@@ -108,7 +109,9 @@ def round_robin(
     is what is timed (a forward, a training step, …). Each configuration is warmed up and its timed block sized to
     ``min_round_time``; then every round times every configuration once, so slow drift of a shared machine hits
     all of them alike. Returns, per configuration, the per-call times (one per round) and the calls per round.
+    ``on_round(message)`` hears where the timing is (warm-up, round k of n): a long timing is not silent.
     """
+    say = on_round or (lambda _msg: None)
     if rounds < 1 or threads < 1:
         raise ValueError(f"rounds and threads must be >= 1, got rounds={rounds}, threads={threads}")
     prior_threads = torch.get_num_threads()
@@ -116,13 +119,15 @@ def round_robin(
     numbers: list[int] = []
     try:
         torch.set_num_threads(threads)
-        for setup, fn in configs:
+        for i, (setup, fn) in enumerate(configs):
+            say(f"speed: warm-up {i + 1}/{len(configs)}")
             setup()
             for _ in range(warmup):
                 fn()
             once = _benchmark().Timer("fn()", globals={"fn": fn}, num_threads=threads).timeit(1).median
             numbers.append(max(1, math.ceil(min_round_time / max(once, 1e-6))))
-        for _ in range(rounds):
+        for k in range(rounds):
+            say(f"speed: round {k + 1}/{rounds}")
             for i, (setup, fn) in enumerate(configs):
                 setup()
                 timer = _benchmark().Timer("fn()", globals={"fn": fn}, num_threads=threads, label="vitprune")
@@ -141,6 +146,7 @@ def interleaved_throughput(
     rounds: int = 5,
     min_round_time: float = 0.5,
     warmup: int = 2,
+    on_round: Callable[[str], None] | None = None,
 ) -> list[SpeedResult]:
     """Inference throughput of several configurations of one model, measured with :func:`round_robin`.
 
@@ -155,7 +161,7 @@ def interleaved_throughput(
 
     with torch.inference_mode():
         times, numbers = round_robin([(setup, forward) for setup in setups], threads=threads, rounds=rounds,
-                            min_round_time=min_round_time, warmup=warmup)
+                                     min_round_time=min_round_time, warmup=warmup, on_round=on_round)
     bs = int(example_batch.shape[0])
     results = []
     for t, number in zip(times, numbers):
