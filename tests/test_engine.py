@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -252,8 +253,9 @@ def test_bad_config_leaves_model_untouched(method, cfg, match):
 def test_bad_models_and_inputs():
     with pytest.raises(ValueError, match="unsupported model type"):
         vitprune.patch(torch.nn.Linear(3, 3), "tome", r=1)
-    with pytest.raises(ValueError, match="global_pool"):
-        vitprune.patch(make_vit("vit_tiny_patch16_224", global_pool="map", img_size=32), "tome", r=1)
+    parallel = timm.models.vision_transformer.ParallelScalingBlock
+    with pytest.raises(ValueError, match="pre-norm Block"):
+        vitprune.patch(make_vit("vit_tiny_patch16_224", block_fn=parallel, img_size=32), "tome", r=1)
     model = make_vit()
     with torch.no_grad():
         model.blocks[3].mlp.fc1.weight[0, 0] = float("nan")

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (image size, patch size, depth, register tokens, global pool): 4 to 16 patches, 3 or 4 blocks
 SHAPES = [(32, 8, 4, 0, "token"), (24, 8, 3, 0, "avg"), (32, 8, 4, 1, "token"), (16, 4, 4, 0, "token"),
-          (32, 16, 3, 0, "avg")]
+          (32, 16, 3, 0, "avg"), (32, 8, 3, 0, "map")]  # map: SigLIP-like, no CLS token
 
 
 @lru_cache(maxsize=None)
@@ -29,7 +29,7 @@ def base_model(shape: tuple) -> VisionTransformer:
     img, patch, depth, reg, pool = shape
     torch.manual_seed(0)
     return VisionTransformer(img_size=img, patch_size=patch, embed_dim=32, depth=depth, num_heads=2, num_classes=5,
-                             reg_tokens=reg, global_pool=pool).eval()
+                             reg_tokens=reg, global_pool=pool, class_token=pool != "map").eval()
 
 
 def mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:

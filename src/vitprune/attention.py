@@ -3,7 +3,9 @@
 Proportional attention (ToMe): a token that stands for ``s`` patches gets ``log(s)`` added to its logit, which is
 the same as repeating it ``s`` times. It is passed to SDPA as a float mask, so the fused kernel still runs.
 CLS attention (EViT, PPT, ToGo, selectors) is computed as one row ``softmax(q_cls · Kᵀ)`` per head instead of
-materialising the N×N matrix.
+materialising the N×N matrix. A model without a CLS token (SigLIP) has no such row; there the importance of a token
+is the attention it *receives*: the size-weighted mean over all queries of their attention rows (the N×N matrix,
+computed only at the blocks that reduce).
 
 Training a learned selector needs *masked* attention instead (DynamicViT/SPViT): dropped tokens stay in the tensor
 so shapes are static, but no token attends to them, and the mask's gradient reaches the selector. That, and an
@@ -46,6 +48,27 @@ class AttentionScores:
         if self.keep is not None:
             return masked_softmax(logits, self.keep).squeeze(2).to(self.q.dtype)
         return logits.float().softmax(dim=-1).squeeze(2).to(self.q.dtype)
+
+    @cached_property
+    def received_attn(self) -> Tensor:
+        """[B, H, N]: the attention each token receives, averaged over the queries, each query weighted by its size.
+
+        For models without a CLS token. It asks every token where it looks, not one token, and weighting queries by
+        size makes a merged token count like the copies it stands for, as proportional attention does for keys.
+        """
+        logits = (self.q * self.scale) @ self.k.transpose(-2, -1)  # [B, H, N, N]
+        if self.bias is not None:
+            logits = logits + self.bias
+        attn = masked_softmax(logits, self.keep)  # float32
+        w = torch.ones_like(attn[:, :1, :1, :]) if self.bias is None else self.bias.float().exp()  # [B, 1, 1, N]
+        if self.keep is not None:
+            w = w * self.keep.float()[:, None, None, :]
+        w = w.transpose(-2, -1)  # [B, 1, N, 1]: a weight per query
+        return ((attn * w).sum(dim=2) / w.sum(dim=2).clamp_min(MASK_EPS)).to(self.q.dtype)
+
+    def token_attn(self, has_cls: bool) -> Tensor:
+        """[B, H, N] attention-based token importance: the CLS row (``cls_attn``), or ``received_attn`` without CLS."""
+        return self.cls_attn if has_cls else self.received_attn
 
     @cached_property
     def mean_keys(self) -> Tensor:

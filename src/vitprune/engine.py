@@ -22,7 +22,10 @@ class BlockOps(Protocol):
     def attention(
         self, block: nn.Module, h: Tensor, size: Tensor | None, keep: Tensor | None
     ) -> tuple[Tensor, AttentionScores]:
-        """``size``: proportional-attention sizes or None; ``keep``: [B, N] key mask (selector training) or None."""
+        """``size``: proportional-attention sizes or None; ``keep``: [B, N] key mask (selector training) or None.
+
+        Backends of RoPE models take one more keyword, ``pos``: the tokens' rotary positions (``TokenState.pos``).
+        """
 
     def attn_residual(self, block: nn.Module, x: Tensor, y: Tensor) -> Tensor: ...
 
@@ -37,7 +40,8 @@ def run_blocks(
         state = method.before_attention(layer, state, trace)
         trace.tokens_attn.append(state.num_tokens)
         size = state.size if method.prop_attn else None
-        y, scores = ops.attention(block, ops.norm1(block, state.x), size, state.keep)
+        rope = {} if state.pos is None else {"pos": state.pos}  # only RoPE backends carry positions
+        y, scores = ops.attention(block, ops.norm1(block, state.x), size, state.keep, **rope)
         state = state.with_x(ops.attn_residual(block, state.x, y))
         reduced = method.reduce(layer, state, scores, trace)
         if reduced is not state and reduced.source is not None:

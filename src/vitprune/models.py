@@ -49,12 +49,19 @@ def create_model(
     ``"hf:<...>"`` builds a Hugging Face transformers model wrapped for the tools (``HFVisionModel``; its ``.hf`` is
     the transformers model): ``hf:dinov2_vits14`` (shared weights converted from timm), ``hf:<transformers class>``
     (random init), ``hf:<config.json or save_pretrained folder>``; see ``vitprune.backends.hf_convert``.
+    ``"open_clip:<name>"`` (e.g. ``open_clip:ViT-B-32``) builds the image tower ``open_clip.create_model(name).visual``
+    (random init unless ``checkpoint``; needs ``pip install 'vitprune[open_clip]'``).
     """
     if name.startswith("hf:"):
         from vitprune.backends.hf_convert import create_hf_model
 
         return create_hf_model(name[3:], checkpoint=checkpoint, pretrained=pretrained,
                                shared_weights=shared_weights, **kwargs)
+    if name.startswith("open_clip:"):
+        from vitprune.backends.open_clip import create_open_clip_visual  # without open_clip: says what to install
+
+        return create_open_clip_visual(name.removeprefix("open_clip:"), checkpoint=checkpoint, pretrained=pretrained,
+                                       **kwargs)
     key = name.lower()
     if key in TESTBED_NAMES:
         model: nn.Module = VisionTransformer(**{**TESTBED_ARGS, **kwargs})

@@ -79,11 +79,17 @@ def find_backend(model: Any) -> Any | None:
 
 
 def _import_builtin_backends() -> None:
-    from .backends import timm, timm_pit  # noqa: F401  (each registers itself on import)
+    from .backends import timm, timm_eva, timm_pit  # noqa: F401  (each registers itself on import)
 
     # transformers stays optional: a model can only be one of its classes if transformers has been imported already
     if "transformers" in sys.modules:
         try:
             from .backends import hf  # noqa: F401
+        except ImportError:
+            pass
+    # likewise open_clip: its image towers exist only once open_clip has been imported
+    if "open_clip" in sys.modules:
+        try:
+            from .backends import open_clip  # noqa: F401
         except ImportError:
             pass

@@ -32,6 +32,9 @@ class TokenState:
     grid:   (rows, cols) of the input patch grid, so grid-aware methods can map positions back to 2-D.
     keep:   [B, N] soft/hard keep mask while a learned selector trains (masked attention, static shapes);
             ``None`` at inference, where dropped tokens are gathered away instead.
+    pos:    [B, N, 2D] rotary positions for RoPE models: ``[sin | cos]`` of each rotary angle, as the model's own
+            rope table gives them (prefix tokens: sin 0, cos 1, no rotation); ``None`` for other models.
+            See :func:`merge_tokens` for what a merged token's position is.
     """
 
     x: Tensor
@@ -41,17 +44,19 @@ class TokenState:
     index: Tensor | None = None
     grid: tuple[int, int] | None = None
     keep: Tensor | None = None
+    pos: Tensor | None = None
 
     @classmethod
     def initial(
-        cls, x: Tensor, num_prefix: int, grid: tuple[int, int] | None = None, trace_source: bool = False
+        cls, x: Tensor, num_prefix: int, grid: tuple[int, int] | None = None, trace_source: bool = False,
+        pos: Tensor | None = None,
     ) -> "TokenState":
         b, n, _ = x.shape
         index = torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
         source = None
         if trace_source:
             source = torch.eye(n, device=x.device, dtype=x.dtype).unsqueeze(0).expand(b, n, n)
-        return cls(x=x, num_prefix=num_prefix, index=index, source=source, grid=grid)
+        return cls(x=x, num_prefix=num_prefix, index=index, source=source, grid=grid, pos=pos)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +93,7 @@ def gather_tokens(state: TokenState, idx: Tensor) -> TokenState:
         source=None if state.source is None else take(state.source),
         index=None if state.index is None else state.index.gather(1, idx),
         keep=None if state.keep is None else state.keep.gather(1, idx),
+        pos=None if state.pos is None else take(state.pos),
     )
 
 
@@ -95,7 +101,14 @@ def merge_tokens(state: TokenState, merge: MergeFn, layout: MergeFn) -> TokenSta
     """Apply a merge closure with size-weighted averaging (ToMe's ``merge_wavg``).
 
     ``merge`` combines tokens; ``layout`` moves per-token attributes without combining them (each output keeps
-    the value of its destination token), which is what positions need.
+    the value of its destination token), which is what grid indices need.
+
+    Rotary positions (``pos``) are size-weighted means of the ``(sin, cos)`` pairs: a merged token's rotation is the
+    *circular mean* of the angles of every patch it holds (the backend normalises each pair back to unit length when
+    it rotates q and k). It is a sum over the held patches, so it does not depend on the order of the tokens, on which
+    token was the destination, or on the order the merges happened in; tokens at one position keep that position
+    exactly; and for nearby patches (small angle differences) it is their centroid's angle. The destination's
+    position would instead depend on ToMe's alternating split, and moves a merged region to one of its ends.
     """
     size = state.sizes()
     x = merge(state.x * size, "sum")
@@ -107,11 +120,16 @@ def merge_tokens(state: TokenState, merge: MergeFn, layout: MergeFn) -> TokenSta
         source=None if state.source is None else merge(state.source, "amax"),
         index=None if state.index is None else layout(state.index.unsqueeze(-1), "keep").squeeze(-1),
         keep=None if state.keep is None else merge(state.keep.unsqueeze(-1), "amax").squeeze(-1),
+        pos=None if state.pos is None else merge(state.pos * size, "sum") / new_size,
     )
 
 
 def append_token(state: TokenState, x: Tensor, size: Tensor, source: Tensor | None, index: Tensor) -> TokenState:
-    """Append one token per image (a fused / package token): x [B, C], size [B], source [B, N0], index [B]."""
+    """Append one token per image (a fused / package token): x [B, C], size [B], source [B, N0], index [B].
+
+    A package holds patches from all over the image, so like its index (``PACKAGE_INDEX``) its rotary position is
+    none: sin 0, cos 1, the identity rotation that prefix tokens get.
+    """
     return replace(
         state,
         x=torch.cat([state.x, x.unsqueeze(1)], dim=1),
@@ -119,6 +137,32 @@ def append_token(state: TokenState, x: Tensor, size: Tensor, source: Tensor | No
         source=None if state.source is None else torch.cat([state.source, source.unsqueeze(1)], dim=1),
         index=None if state.index is None else torch.cat([state.index, index.view(-1, 1)], dim=1),
         keep=None if state.keep is None else torch.cat([state.keep, state.keep.new_ones(state.keep.shape[0], 1)], 1),
+        pos=None if state.pos is None else torch.cat([state.pos, no_rotation(state.pos[:, :1])], dim=1),
+    )
+
+
+def no_rotation(like: Tensor) -> Tensor:
+    """``[sin | cos]`` rows of the identity rotation, shaped like ``like`` ([..., 2D])."""
+    half = like.shape[-1] // 2
+    return torch.cat([like.new_zeros(*like.shape[:-1], half), like.new_ones(*like.shape[:-1], half)], dim=-1)
+
+
+def where_tokens(cond: Tensor, a: TokenState, b: TokenState) -> TokenState:
+    """Per image: state ``a`` where ``cond`` [B] is True, else ``b`` (two reductions to the same token count)."""
+
+    def pick(ta: Tensor | None, tb: Tensor | None) -> Tensor | None:
+        if ta is None:
+            return None
+        return torch.where(cond.view(-1, *([1] * (ta.dim() - 1))), ta, tb)
+
+    return replace(
+        a,
+        x=pick(a.x, b.x),
+        size=pick(a.sizes(), b.sizes()),
+        source=pick(a.source, b.source),
+        index=pick(a.index, b.index),
+        keep=pick(a.keep, b.keep),
+        pos=pick(a.pos, b.pos),
     )
 
 

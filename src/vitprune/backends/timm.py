@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..attention import EXP_ATTR, AttentionScores, attend
+from ..attention import EXP_ATTR, MASK_EPS, AttentionScores, attend, size_bias
 from ..engine import PatchContext, run_blocks
 from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
@@ -22,13 +22,14 @@ from .swap import swap_in, swap_out
 
 try:  # timm is a hard dependency, but keep the import error readable
     from timm.layers.attention import Attention as TimmAttention
+    from timm.layers.attention_pool import AttentionPoolLatent
     from timm.layers.mlp import Mlp as TimmMlp
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
 except ImportError as e:  # pragma: no cover
     raise ImportError("vitprune's timm backend needs timm >= 1.0: pip install 'timm>=1.0'") from e
 
-SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map", "")
 
 
 class TimmBlockOps:
@@ -94,7 +95,8 @@ def check_supported(model: nn.Module) -> None:
         if type(block.attn) is not TimmAttention:
             problems.append(f"block {i} attention is {type(block.attn).__name__} (only timm's Attention is supported)")
             break
-    if model.global_pool not in SUPPORTED_POOLS or getattr(model, "attn_pool", None) is not None:
+    attn_pool = getattr(model, "attn_pool", None)
+    if model.global_pool not in SUPPORTED_POOLS or (attn_pool is not None and type(attn_pool) is not AttentionPoolLatent):
         problems.append(f"global_pool={model.global_pool!r} (supported: {', '.join(repr(p) for p in SUPPORTED_POOLS)})")
     if problems:
         raise ValueError(
@@ -137,6 +139,32 @@ def _check_input(model: nn.Module, x: Tensor) -> None:
         )
 
 
+def pool_reduced(
+    x: Tensor, pool_type: str, ctx: PatchContext, attn_pool: nn.Module | None, skip: int
+) -> Tensor | None:
+    """Pool reduced tokens so each counts for the patches it stands for; None: the model's own pooling is exact.
+
+    Average pooling weights tokens by size; an attention-pool head (MAP: SigLIP, some EVA) gets ``log(size)`` as its
+    attention mask, as every block does. Masked tokens (selector training, padding) do not count. ``skip``: leading
+    tokens left out of the pool (the prefix, unless the model pools it too).
+    """
+    size, keep = ctx.final_size, ctx.final_keep
+    if keep is not None and keep.shape[1] == x.shape[1]:
+        size = keep.unsqueeze(-1) if size is None else size * keep.unsqueeze(-1)
+    if size is not None and size.shape[1] != x.shape[1]:
+        size = None  # features from elsewhere (e.g. a user's own tensor): nothing to weight
+    if attn_pool is not None:
+        bias = None if size is None else size_bias(size[:, skip:].clamp_min(MASK_EPS), x.dtype)  # masked: 1e-6
+        return attn_pool(x[:, skip:], attn_mask=bias)
+    if pool_type not in ("avg", "avgmax") or size is None:
+        return None
+    w = size[:, skip:].to(x.dtype)
+    mean = (x[:, skip:] * w).sum(dim=1) / w.sum(dim=1)
+    if pool_type == "avg":
+        return mean
+    return 0.5 * (x[:, skip:].amax(dim=1) + mean)
+
+
 class PatchedVisionTransformer:
     """Mixin placed in front of the model's own class; see module docstring."""
 
@@ -160,18 +188,9 @@ class PatchedVisionTransformer:
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        ctx = self._vitprune
-        size, keep = ctx.final_size, ctx.final_keep
-        if keep is not None and keep.shape[1] == x.shape[1]:  # masked tokens do not count
-            size = keep.unsqueeze(-1) if size is None else size * keep.unsqueeze(-1)
-        if pool_type not in ("avg", "avgmax") or size is None or size.shape[1] != x.shape[1]:
-            return super().pool(x, pool_type)  # type: ignore[misc]
-        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        w = size[:, p:].to(x.dtype)
-        mean = (x[:, p:] * w).sum(dim=1) / w.sum(dim=1)  # each token counts for the patches it stands for
-        if pool_type == "avg":
-            return mean
-        return 0.5 * (x[:, p:].amax(dim=1) + mean)
+        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        pooled = pool_reduced(x, pool_type, self._vitprune, self.attn_pool, skip)
+        return super().pool(x, pool_type) if pooled is None else pooled  # type: ignore[misc]
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(

@@ -66,6 +66,7 @@ class TokenReducer:
 
     name: ClassVar[str] = "base"
     prop_attn: bool = False
+    has_cls: ClassVar[bool] = True  # attention-scored methods set it from ModelInfo in ``setup``
 
     def setup(self, info: ModelInfo) -> None:
         """Validate the config against the model and precompute the schedule; raise ValueError on bad settings."""

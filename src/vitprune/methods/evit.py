@@ -58,6 +58,7 @@ class EViT(TokenReducer):
     prop_attn: bool = False
 
     def setup(self, info: ModelInfo) -> None:
+        self.has_cls = info.has_cls  # without CLS (SigLIP): the attention each token receives ranks it
         keeps = per_block(self.keep, check_blocks(self.blocks, info.depth, "evit"), "evit keep")
         self.keep_at = {b: check_keep(k) for b, k in keeps.items()}
         self.blocks = tuple(keeps)
@@ -69,7 +70,7 @@ class EViT(TokenReducer):
         k = keep_count(keep, state.num_patches)
         if k >= state.num_patches:
             return state
-        return topk_and_fuse(state, scores.cls_attn.mean(dim=1), k, self.fuse)
+        return topk_and_fuse(state, scores.token_attn(self.has_cls).mean(dim=1), k, self.fuse)
 
     def describe(self) -> str:
         blocks = ",".join(str(b) for b in self.blocks)

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..attention import AttentionScores
 from ..registry import register_method
-from ..tokens import TokenState, gather_tokens, merge_tokens, with_prefix
+from ..tokens import TokenState, gather_tokens, merge_tokens, where_tokens, with_prefix
 from .base import ModelInfo, TokenReducer, Trace, check_blocks, is_whole, per_block
 from .tome import bipartite_soft_matching
 
@@ -65,9 +65,10 @@ def clamp_r(r: int, num_tokens: int, num_prefix: int) -> int:
     return max(0, min(r, (num_tokens - num_prefix) // 2, (num_tokens + 1) // 2 - pa))
 
 
-def importance(scores: AttentionScores, num_prefix: int) -> Tensor:
-    """[B, n] float32 PPT score of the patch tokens: (Σ_h CLS attention)·‖v‖₂, normalised to sum 1 per image."""
-    s = scores.cls_attn.float().sum(dim=1) * scores.value_norms.float()
+def importance(scores: AttentionScores, num_prefix: int, has_cls: bool = True) -> Tensor:
+    """[B, n] float32 PPT score of the patch tokens: (Σ_h CLS attention)·‖v‖₂, normalised to sum 1 per image.
+    Without a CLS token the received attention stands in for the CLS row (see ``AttentionScores.token_attn``)."""
+    s = scores.token_attn(has_cls).float().sum(dim=1) * scores.value_norms.float()
     s = s[:, num_prefix:]
     return s / s.sum(dim=1, keepdim=True)
 
@@ -87,19 +88,6 @@ def prune_indices(score: Tensor, keep: int, num_prefix: int) -> Tensor:
     """[B, P + keep] positions to keep: the prefix, then the ``keep`` best patch tokens in descending score."""
     order = score.topk(keep, dim=1, largest=True, sorted=True).indices
     return with_prefix(order, num_prefix)
-
-
-def _select(pooled: Tensor, pool: TokenState, prune: TokenState) -> TokenState:
-    """Per image: the pooled state where ``pooled`` [B] is True, else the pruned one (same token count)."""
-    m = pooled.view(-1, 1, 1)
-    return TokenState(
-        x=torch.where(m, pool.x, prune.x),
-        num_prefix=pool.num_prefix,
-        size=torch.where(m, pool.sizes(), prune.sizes()),
-        source=None if pool.source is None else torch.where(m, pool.source, prune.source),
-        index=None if pool.index is None else torch.where(pooled.view(-1, 1), pool.index, prune.index),
-        grid=pool.grid,
-    )
 
 
 def pooled_fraction(trace: Trace) -> dict[int, float]:
@@ -146,11 +134,7 @@ class PPT(TokenReducer):
                 f"ppt: ref_tokens must be a positive int (patch tokens the threshold was tuned for), got {rt!r}"
             )
         r_at = _check_r(self.r, check_blocks(self.blocks, info.depth, "ppt"))
-        if self.policy != "pool" and not info.has_cls and any(r_at.values()):
-            raise ValueError(
-                "ppt: the prune/adaptive policies score tokens by CLS attention and this model has no CLS token; "
-                "use policy='pool' (or method 'tome')"
-            )
+        self.has_cls = info.has_cls  # without CLS (SigLIP): the attention each token receives, times ‖v‖
         self._r_at = r_at
 
     def reduce(self, layer: int, state: TokenState, scores: AttentionScores, trace: Trace) -> TokenState:
@@ -167,7 +151,7 @@ class PPT(TokenReducer):
             pooled = torch.ones(b, dtype=torch.bool, device=state.x.device)
             n_pool = b
         else:
-            score = importance(scores, p)
+            score = importance(scores, p, self.has_cls)
             if self.policy == "prune":
                 pooled = torch.zeros(b, dtype=torch.bool, device=state.x.device)
                 n_pool = 0
@@ -190,7 +174,7 @@ class PPT(TokenReducer):
             return pool_state
         if pool_state is None:
             return prune_state
-        return _select(pooled, pool_state, prune_state)
+        return where_tokens(pooled, pool_state, prune_state)
 
     def describe(self) -> str:
         blocks = ",".join(str(b) for b in self.blocks)

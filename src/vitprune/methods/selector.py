@@ -119,13 +119,14 @@ def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:
     return F.gumbel_softmax(log_probs.float(), tau=tau, hard=True)[..., 0].to(log_probs.dtype)
 
 
-def topk_keep(log_probs: Tensor, prev: Tensor, k: int) -> Tensor:
-    """Hard 0/1 keep decisions [B, N]: the ``k`` highest-scoring tokens among those still kept (``prev`` > 0), with
-    the straight-through gradient of the keep probability (value: exactly the fixed-count inference choice)."""
-    score = log_probs[..., 0].float().masked_fill(prev <= 0, float("-inf"))
+def topk_keep(keep_prob: Tensor, prev: Tensor, k: int) -> Tensor:
+    """Hard 0/1 keep decisions [B, N]: the ``k`` tokens of highest keep probability among those still kept
+    (``prev`` > 0), with its straight-through gradient. Ranked by the probability itself, as fixed-count inference
+    ranks: the head-weighted mean of log-probabilities orders tokens differently when the heads disagree."""
+    score = keep_prob.float().masked_fill(prev <= 0, float("-inf"))
     hard = torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
-    soft = log_probs[..., 0].float().exp()
-    return (hard + (soft - soft.detach())).to(log_probs.dtype)  # value exactly 0/1
+    soft = keep_prob.float()
+    return (hard + (soft - soft.detach())).to(keep_prob.dtype)  # value exactly 0/1
 
 
 def package(x: Tensor, weight: Tensor) -> Tensor:
@@ -226,7 +227,7 @@ class TokenSelector(TokenReducer):
         prev = keep[:, p:e]
         log_probs, probs = selector(x, prev)
         if self.train_decisions == "topk":
-            hard = topk_keep(log_probs, prev, self._count(layer, e - p)) * prev
+            hard = topk_keep(probs[..., 0], prev, self._count(layer, e - p)) * prev
         else:
             hard = gumbel_keep(log_probs, self.tau) * prev
         dropped = prev - hard  # dropped at this stage

@@ -260,8 +260,7 @@ class ToGo(TokenReducer):
     # ---- configuration
 
     def setup(self, info: ModelInfo) -> None:
-        if not info.has_cls:
-            raise ValueError("togo scores tokens by CLS attention; this model has no class token")
+        self.has_cls = info.has_cls  # without CLS (SigLIP): the attention each token receives
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"togo group must be an integer >= 1 (g×g windows, 1 = per-token), got {self.group!r}")
         if self.group > min(info.grid):
@@ -387,7 +386,7 @@ class ToGo(TokenReducer):
                 f"togo planned {stage.tokens_in} patch tokens (+{stage.tail_in} package) at block {layer} but got "
                 f"{state.num_patches}; another reduction (patch dropout?) changed the tokens"
             )
-        attn = scores.cls_attn.float()  # [B, H, N]
+        attn = scores.token_attn(self.has_cls).float()  # [B, H, N]
         w = self._head_weights(layer, attn[:, :, p : p + stage.tokens_in])  # [B, H]
         importance = torch.einsum("bh,bhn->bn", w, attn)  # [B, N]
         trace.note("togo_head_weights", layer, w.detach().mean(0))
