@@ -48,3 +48,19 @@ def testbed_assets():
         assets_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+def hf_outputs_off_and_reduced(model, x):
+    """An HF model asked for hidden states and attentions: unpatched, with reduction off (asserted equal within
+    1e-5), then with EViT keep=0.5 at block 1. Returns (reduced output, its trace); the model stays patched."""
+    import vitprune
+
+    with torch.no_grad():
+        ref = model(x, output_hidden_states=True, output_attentions=True)
+        vitprune.patch(model, "tome", r=0)
+        off = model(x, output_hidden_states=True, output_attentions=True)
+        vitprune.patch(model, "evit", keep=0.5, blocks=(1,))
+        out = model(x, output_hidden_states=True, output_attentions=True)
+    for a, b in zip(ref.hidden_states + ref.attentions, off.hidden_states + off.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    return out, vitprune.last_trace(model)

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hf import (CLASSIFIERS, SUPPORTED, DeiTForImageClassificationWithTeacher, DeiTModel,
-                 Dinov2ForImageClassification, Dinov2Model, HFVisionModel, ViTForImageClassification, ViTModel,
-                 default_pretrained_cfg)
+from .hf import (CLASSIFIERS, SUPPORTED, CLIPModel, CLIPVisionModel, DeiTForImageClassificationWithTeacher,
+                 DeiTModel, Dinov2ForImageClassification, Dinov2Model, Dinov2WithRegistersModel, HFVisionModel,
+                 SiglipModel, SiglipVisionModel, ViTForImageClassification, ViTModel, default_pretrained_cfg)
 
 HF_CLASSES: dict[str, type] = {c.__name__: c for c in SUPPORTED}
 _PREFIX = {"vit": "vit.", "deit": "deit.", "dinov2": "dinov2."}
@@ -35,7 +35,8 @@ def timm_family(model: nn.Module) -> str:
     if model.cls_token is None or getattr(model, "no_embed_class", False):
         problems.append("no class token / position embeddings without prefix slots")
     if getattr(model, "reg_token", None) is not None:
-        problems.append("register tokens (HF has them only in Dinov2WithRegisters, which vitprune does not patch)")
+        problems.append("register tokens (HF has them in Dinov2WithRegisters; converting timm models to it is not "
+                        "implemented, build it with hf:Dinov2WithRegistersModel or from its config instead)")
     if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
         problems.append(f"global_pool={model.global_pool!r} (HF heads read the CLS token)")
     for name in ("norm_pre", "fc_norm"):
@@ -239,7 +240,9 @@ def _class_for(config: Any) -> type:
     for name in getattr(config, "architectures", None) or []:
         if name in HF_CLASSES:
             return HF_CLASSES[name]
-    by_type = {"vit": ViTModel, "deit": DeiTModel, "dinov2": Dinov2Model}
+    by_type = {"vit": ViTModel, "deit": DeiTModel, "dinov2": Dinov2Model, "dinov2_with_registers":
+               Dinov2WithRegistersModel, "clip_vision_model": CLIPVisionModel, "clip": CLIPModel,
+               "siglip_vision_model": SiglipVisionModel, "siglip": SiglipModel}
     if config.model_type not in by_type:
         raise ValueError(f"config model_type {config.model_type!r} is not one vitprune patches "
                          f"(supported: {', '.join(by_type)})")

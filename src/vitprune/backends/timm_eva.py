@@ -34,13 +34,12 @@ SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
 
 def unit_rotation(pos: Tensor) -> Tensor:
     """``[sin | cos]`` rows scaled so each (sin, cos) pair has length 1: a merged token's mean pair becomes the
-    rotation by the circular mean angle (a pair of length 0, opposite angles, becomes no rotation)."""
+    rotation by the circular mean angle (a pair of length 0, opposite angles that cancel, becomes no rotation)."""
     sin, cos = pos.float().chunk(2, dim=-1)
     r = (sin * sin + cos * cos).sqrt()  # (not torch.hypot: no ONNX op for it)
     empty = r < 1e-6
-    sin = torch.where(empty, 0.0, sin / r.clamp_min(1e-6))
-    cos = torch.where(empty, 1.0, cos / r.clamp_min(1e-6))
-    return torch.cat([sin, cos], dim=-1)
+    inv = 1.0 / r.clamp_min(1e-6)
+    return torch.cat([sin * inv, torch.where(empty, 1.0, cos * inv)], dim=-1)
 
 
 class EvaBlockOps:
