@@ -156,6 +156,76 @@ def bench(
                      "MACs from executed ops, img/s and speedup against the unpatched model in the same run")
 
 
+@app.command()
+def tune(
+    model: str = typer.Option("testbed", help="As in bench: 'testbed', 'dinov2_vits14', a timm name, hf:<...>, "
+                              "open_clip:<name>."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local .safetensors/.pth weights, loaded strictly."),
+    data: str = typer.Option(..., help="Calibration images: .npz, 'path, label' list file or image folder "
+                             "('testbed': the testbed test split)."),
+    macs: Optional[float] = typer.Option(None, help="Budget: at most this fraction of the unpatched MACs, e.g. 0.65."),
+    speedup: Optional[float] = typer.Option(None, help="Budget: at least this speedup at --batch-size on this CPU."),
+    latency_ms: Optional[float] = typer.Option(None, help="Budget: at most this latency per batch of --batch-size."),
+    batch_size: int = typer.Option(32, min=1, help="Batch for speed budgets."),
+    threads: int = typer.Option(2, min=1, help="CPU threads for speed budgets."),
+    methods: str = typer.Option("tome,evit,ppt,togo", help="Methods to search, comma-separated."),
+    calib_limit: int = typer.Option(2000, min=1, help="Calibration images (evenly strided from --data)."),
+    holdout_limit: int = typer.Option(2000, min=1, help="Held-out images, never used by the search."),
+    holdout_data: Optional[str] = typer.Option(None, help="Held-out images from here instead of the --data images "
+                                               "calibration did not take."),
+    search_limit: int = typer.Option(500, min=1, help="Calibration images each search step is scored on (the "
+                                     "finalists are scored on all of them)."),
+    greedy_groups: int = typer.Option(6, min=0, help="Block groups of ToMe's greedy per-block descent (0: shapes only; "
+                                      "each descent step evaluates one candidate per group)."),
+    fidelity: bool = typer.Option(False, help="Score fidelity to the unpatched model even when the data is labelled "
+                                  "(e.g. random-init or feature models)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for recipe.json, candidates.csv, pareto.png and the "
+                                       "resumable evaluations.jsonl. Default: results/tune/<model>."),
+) -> None:
+    """Find the best training-free reduction within a budget: MACs, speedup or latency. Writes a recipe that
+    vitprune.patch(model, "DIR/recipe.json") and bench -m recipe:DIR/recipe.json apply."""
+    from .measure.data import image_transform_for, load_dataset
+    from .tune import Budget, make_splits, tune as run_tune, write_outputs
+
+    budget = Budget(macs=macs, speedup=speedup, latency_ms=latency_ms)
+    net = patchable_model(model, checkpoint=checkpoint)
+    transform = image_transform_for(net)
+    dataset = load_dataset(data, transform=transform)
+    holdout = load_dataset(holdout_data, transform=transform) if holdout_data else None
+    labelled = not fidelity and _all_labelled(dataset, [])
+    search, calib, held = make_splits(dataset, holdout, calib_limit, holdout_limit, search_limit, labelled)
+    out = out or Path("results") / "tune" / model.replace("/", "_").replace(":", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"tune {model}: {budget.describe()}; {len(calib[0])} calibration images ({len(search[0])} for the "
+                  f"search), {len(held[0])} held out; {'top-1' if labelled else 'fidelity'}")
+    with progress_display(console) as bar:
+        task = bar.add_task("tuning", total=None)
+
+        def step(message: str) -> None:
+            bar.update(task, description=message[:70])
+            bar.advance(task)
+
+        result = run_tune(net, budget, search, calib, held, methods=[m.strip() for m in methods.split(",")],
+                          batch_size=batch_size, threads=threads, model_name=model, out=out,
+                          greedy_groups=greedy_groups, on_step=step)
+    paths = write_outputs(result, out)
+    r = result.recipe
+    cal, hold = r["calibration"], r["holdout"]
+    metric = "top1" if "top1" in cal else ("kl" if "kl" in cal else "cosine")
+    console.print(f"recipe: {r['spec']} ({r['search']['shape']}), {r['macs_fraction']:.3f} of the MACs "
+                  f"({r['gmacs']:.3f} of {r['gmacs_unpatched']:.3f} GMACs)")
+    for name, q in (("calibration", cal), ("held-out", hold)):
+        ref = q["unpatched"].get(metric)
+        ref_text = f" (unpatched {ref:.4f})" if ref is not None and metric == "top1" else ""
+        extra = f", cosine {q['cosine']:.4f}" if metric != "cosine" else ""
+        console.print(f"  {name:>11}: {metric} {q[metric]:.4f}{ref_text}{extra} on {q['n']} images")
+    if "speed" in r:
+        sp = r["speed"]
+        console.print(f"  measured speedup {sp['measured_speedup']:.2f}x ({sp['latency_ms']:.1f} ms per batch of "
+                      f"{sp['batch_size']}; unpatched {sp['latency_ms_unpatched']:.1f} ms)")
+    console.print(f"{result.evaluations} evaluations in {result.wall_s:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, settings, out: Path, what: str,
                  data_label: str | None = None) -> None:
     """One ``vitprune bench`` table: run, print (saying what the figures are), save."""

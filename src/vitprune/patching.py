@@ -1,6 +1,7 @@
 """``patch`` / ``unpatch``: validate everything first, then swap the model's class; never leave a half-patched model."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +19,11 @@ def _backend(model: nn.Module):
     _reject_windowed(model)
     raise ValueError(
         f"unsupported model type {type(model).__module__}.{type(model).__name__}; vitprune patches timm "
-        "VisionTransformer models (ViT, DeiT, distilled DeiT, DINOv2), e.g. timm.create_model('deit_small_patch16_224'), "
-        "timm PoolingVisionTransformer (PiT, e.g. 'pit_s_224'; spvit/heatvit only), "
-        "and Hugging Face transformers ViTModel/ViTForImageClassification, DeiTModel/DeiTForImageClassification"
-        "(WithTeacher), Dinov2Model/Dinov2ForImageClassification (pip install 'vitprune[hf]')"
+        "VisionTransformer models (ViT, DeiT, DINOv2, CLIP, SigLIP; e.g. timm.create_model('deit_small_patch16_224')), "
+        "timm Eva models (EVA02, DINOv3, RoPE ViTs), timm PoolingVisionTransformer (PiT; spvit/heatvit only), "
+        "open_clip image towers (clip.visual; pip install 'vitprune[open_clip]'), and Hugging Face transformers "
+        "ViT/DeiT/Dinov2/Dinov2WithRegisters models and classifiers, CLIPVisionModel(WithProjection), "
+        "SiglipVisionModel, CLIPModel/SiglipModel (their vision tower) (pip install 'vitprune[hf]')"
     )
 
 
@@ -53,16 +55,24 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, "_vitprune", None), PatchContext)
 
 
-def patch(model: nn.Module, method: str | TokenReducer, *, trace_source: bool = False, **config: Any) -> nn.Module:
+def patch(model: nn.Module, method: str | Path | TokenReducer, *, trace_source: bool = False, **config: Any) -> nn.Module:
     """Patch ``model`` in place with a token-reduction method and return it.
 
     ``method`` is a registered name (see ``available_methods()``) with its keywords, e.g.
     ``patch(m, "tome", r=13)`` or ``patch(m, "evit", keep=0.7, blocks=(3, 6, 9))``, or a method object.
+    ``method`` may also be the path of a recipe written by ``vitprune tune`` (a path ending in ``.json``): its method
+    and config are applied.
     ``trace_source=True`` tracks which input patches each token holds (for pictures; costs memory).
     A model that is already patched is re-patched with the new method. On any error the model is untouched.
     """
     backend = _backend(model)
     original_class = model._vitprune.original_class if is_patched(model) else type(model)
+    if isinstance(method, (str, Path)) and str(method).endswith(".json"):
+        if config:
+            raise ValueError("a recipe fixes the method's config; pass the recipe alone, or a method name with keywords")
+        from .tune import read_recipe
+
+        method, config = read_recipe(method)
     if isinstance(method, TokenReducer):
         if config:
             raise ValueError("pass either a method object or a method name with keywords, not both")

@@ -15,6 +15,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name = name.strip().lower()
     if name == "ckpt":
         return trained_spec(options.strip())
+    if name == "recipe":  # a `vitprune tune` result: recipe:DIR/recipe.json
+        from .tune import read_recipe
+
+        return read_recipe(options.strip())
     if not name:
         raise ValueError(f"empty method spec {spec!r}; write e.g. 'tome:r=13'")
     config: dict[str, Any] = {}
