@@ -86,9 +86,10 @@ def methods() -> None:
 
 @app.command()
 def bench(
-    model: str = typer.Option("testbed", help="'testbed' (shared Fashion-MNIST ViT), 'dinov2_vits14', a timm name, or "
+    model: str = typer.Option("testbed", help="'testbed' (shared Fashion-MNIST ViT), 'dinov2_vits14', a timm name, "
                               "hf:<...> for Hugging Face transformers: hf:dinov2_vits14, hf:testbed (converted from "
-                              "timm), hf:<class> (random init), hf:<config.json or save_pretrained folder>."),
+                              "timm), hf:<class> (random init), hf:<config.json or save_pretrained folder>; or "
+                              "open_clip:<name> for an OpenCLIP image tower (e.g. open_clip:ViT-B-32)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local .safetensors/.pth weights, loaded strictly."),
     pretrained: bool = typer.Option(False, help="Download timm pretrained weights (needs a reachable hub)."),
     data: Optional[str] = typer.Option(
