@@ -29,7 +29,7 @@ from ..kernels import fast_path_enabled, gelu_mlp_inplace
 from ..methods.base import ModelInfo, Trace
 from ..registry import register_backend
 from ..tokens import TokenState
-from .swap import swap_in, swap_out
+from .swap import no_intermediates, swap_in, swap_out
 
 try:
     import open_clip
@@ -262,11 +262,7 @@ class PatchedOpenClipVisionTransformer:
         x = self.ln_post(masked_attn_pool(self.attn_pool, x, bias))  # CoCa: pool, then global pool over queries
         return self._global_pool(x)
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "forward_intermediates is not supported on a vitprune-patched tower (token counts change per block); "
-            "read vitprune.last_trace(model) after a forward, or vitprune.unpatch(model) first"
-        )
+    forward_intermediates = no_intermediates
 
 
 def apply(model: nn.Module, ctx: PatchContext) -> None:

@@ -52,3 +52,12 @@ def swap_out(model: nn.Module) -> None:
     """Undo :func:`swap_in`: the class the model had before patching, and no context."""
     model.__class__ = model._vitprune.original_class
     del model._vitprune
+
+
+def no_intermediates(self: nn.Module, *args: object, **kwargs: object) -> None:
+    """``forward_intermediates`` of a patched model (set as the mixins' method): one clear error instead of timm's
+    per-block code, which would run the unreduced blocks and return features of the wrong model."""
+    raise NotImplementedError(
+        "forward_intermediates is not supported on a vitprune-patched model (token counts change per block); "
+        "read vitprune.last_trace(model) after a forward, or vitprune.unpatch(model) first"
+    )

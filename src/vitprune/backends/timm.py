@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from ..attention import EXP_ATTR, MASK_EPS, AttentionScores, attend, size_bias
@@ -18,7 +16,7 @@ from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
 from ..registry import register_backend
-from .swap import swap_in, swap_out
+from .swap import no_intermediates, swap_in, swap_out
 
 try:  # timm is a hard dependency, but keep the import error readable
     from timm.layers.attention import Attention as TimmAttention
@@ -192,11 +190,7 @@ class PatchedVisionTransformer:
         pooled = pool_reduced(x, pool_type, self._vitprune, self.attn_pool, skip)
         return super().pool(x, pool_type) if pooled is None else pooled  # type: ignore[misc]
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "forward_intermediates is not supported on a vitprune-patched model (token counts change per block); "
-            "read model._vitprune.last_trace after a forward, or vitprune.unpatch(model) first"
-        )
+    forward_intermediates = no_intermediates
 
 
 def apply(model: nn.Module, ctx: PatchContext) -> None:

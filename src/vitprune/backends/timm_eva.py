@@ -10,7 +10,6 @@ before the blocks, as in timm. As for ViT, only the model's class changes; ``unp
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, Trace
 from ..registry import register_backend
 from ..tokens import TokenState, no_rotation
-from .swap import swap_in, swap_out
+from .swap import no_intermediates, swap_in, swap_out
 from .timm import _check_input, pool_reduced
 
 from timm.layers.attention import AttentionRope
@@ -202,11 +201,7 @@ class PatchedEva:
         pooled = pool_reduced(x, pool_type, self._vitprune, self.attn_pool, skip)
         return super().pool(x, pool_type) if pooled is None else pooled  # type: ignore[misc]
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "forward_intermediates is not supported on a vitprune-patched model (token counts change per block); "
-            "read model._vitprune.last_trace after a forward, or vitprune.unpatch(model) first"
-        )
+    forward_intermediates = no_intermediates
 
 
 def apply(model: nn.Module, ctx: PatchContext) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, TokenReducer, Trace
 from ..tokens import PACKAGE_INDEX, TokenState
 from ..registry import register_backend
-from .swap import swap_in, swap_out
+from .swap import no_intermediates, swap_in, swap_out
 from .timm import TimmBlockOps
 
 try:
@@ -223,10 +222,7 @@ class PatchedPoolingVisionTransformer:
         ctx.finish(state, trace)
         return self.norm(prefix)
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "forward_intermediates is not supported on a vitprune-patched PiT; vitprune.unpatch(model) first"
-        )
+    forward_intermediates = no_intermediates
 
 
 def apply(model: nn.Module, ctx: PatchContext) -> None:
