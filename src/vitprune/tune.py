@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import patching
+from .measure.accuracy import compare_outputs
 from .measure.flops import count_macs, paper_vit_macs
 from .specs import format_method_spec
 
@@ -208,9 +209,10 @@ class Judge:
 
     def __call__(self) -> tuple[float, dict[str, float]]:
         out = self._outputs()
-        q: dict[str, float] = {"cosine": F.cosine_similarity(out, self.reference, dim=1).mean().item()}
+        same = compare_outputs(out, self.reference)
+        q: dict[str, float] = {"cosine": same.cosine_mean}
         if self.classifier:
-            q["agreement"] = (out.argmax(1) == self.reference.argmax(1)).float().mean().item()
+            q["agreement"] = same.top1_agreement
             q["kl"] = F.kl_div(out.log_softmax(1), self.reference.log_softmax(1), log_target=True,
                                reduction="batchmean").item()
         if self.labels is not None:
@@ -460,22 +462,12 @@ def macs_targets(model: nn.Module, budget: Budget, methods: list[str], cost: Cos
     level, timed interleaved with the unpatched model at ``batch_size``) divided by the speedup wanted."""
     if budget.macs is not None:
         return {m: budget.macs for m in methods}, 1.0
-    from .measure.speed import interleaved_throughput
-
-    batch = images[:1].expand(batch_size, *images.shape[1:]).contiguous()
     probes = {m: shaped_config(m, SHAPES[m][0], 0.5, depth, patches) for m in methods}
-    def unpatched() -> None:
-        if patching.is_patched(model):
-            patching.unpatch(model)
-
-    setups = [unpatched] + [lambda m=m: patching.patch(model, m, **probes[m]) for m in methods]
     step(f"speed: measuring each method's efficiency at batch {batch_size}")
-    speeds = interleaved_throughput(model, batch, setups, threads=threads, rounds=3)
-    unpatched()
-    base = speeds[0]
+    base, timed = _interleaved(model, [(m, probes[m]) for m in methods], images, batch_size, threads, rounds=3)
     wanted = budget.speedup if budget.speedup is not None else base.latency_ms_median / budget.latency_ms
     targets = {}
-    for m, sp in zip(methods, speeds[1:]):
+    for m, sp in zip(methods, timed):
         efficiency = (sp.img_per_s / base.img_per_s) * cost.fraction(m, probes[m])  # speedup / MACs ratio
         targets[m] = min(1.0, efficiency / wanted)
         step(f"speed: {m} at {cost.fraction(m, probes[m]):.2f} of the MACs runs {sp.img_per_s / base.img_per_s:.2f}x "
@@ -483,10 +475,10 @@ def macs_targets(model: nn.Module, budget: Budget, methods: list[str], cost: Cos
     return targets, wanted
 
 
-def measure_speedup(model: nn.Module, method: str, config: dict[str, Any], images: torch.Tensor, batch_size: int,
-                    threads: int, rounds: int = 5) -> dict[str, float]:
-    """The recipe's speedup over the unpatched model, timed interleaved at ``batch_size`` (short: a check, not a
-    benchmark; ``vitprune bench -m recipe:...`` times it properly)."""
+def _interleaved(model: nn.Module, configs: list[tuple[str, dict[str, Any]]], images: torch.Tensor, batch_size: int,
+                 threads: int, rounds: int) -> tuple[Any, list[Any]]:
+    """Speed of the unpatched model and of each (method, config), timed round-robin on one image repeated to
+    ``batch_size``; the model is left unpatched."""
     from .measure.speed import interleaved_throughput
 
     batch = images[:1].expand(batch_size, *images.shape[1:]).contiguous()
@@ -495,9 +487,17 @@ def measure_speedup(model: nn.Module, method: str, config: dict[str, Any], image
         if patching.is_patched(model):
             patching.unpatch(model)
 
-    base, tuned = interleaved_throughput(model, batch, [unpatched, lambda: patching.patch(model, method, **config)],
-                                         threads=threads, rounds=rounds)
+    setups = [unpatched] + [lambda m=m, c=c: patching.patch(model, m, **c) for m, c in configs]
+    speeds = interleaved_throughput(model, batch, setups, threads=threads, rounds=rounds)
     unpatched()
+    return speeds[0], speeds[1:]
+
+
+def measure_speedup(model: nn.Module, method: str, config: dict[str, Any], images: torch.Tensor, batch_size: int,
+                    threads: int, rounds: int = 5) -> dict[str, float]:
+    """The recipe's speedup over the unpatched model, timed interleaved at ``batch_size`` (short: a check, not a
+    benchmark; ``vitprune bench -m recipe:...`` times it properly)."""
+    base, (tuned,) = _interleaved(model, [(method, config)], images, batch_size, threads, rounds)
     return {"measured_speedup": tuned.img_per_s / base.img_per_s, "latency_ms": tuned.latency_ms_median,
             "latency_ms_unpatched": base.latency_ms_median, "batch_size": batch_size, "threads": threads,
             "rounds": rounds}
