@@ -271,5 +271,5 @@ def test_bad_models_and_inputs():
         model(torch.randn(1, 1, 224, 224))
     with pytest.raises(ValueError, match="not patched"):
         vitprune.unpatch(make_vit())
-    with pytest.raises(NotImplementedError, match="unpatch"):
-        model.forward_intermediates(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="resize the images to 224x224"):  # full-grid features check input alike
+        model.forward_intermediates(torch.randn(1, 3, 160, 160))

@@ -5,7 +5,7 @@ Neither knows the other, so every method works on every backend.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from torch import Tensor, nn
 
@@ -33,9 +33,13 @@ class BlockOps(Protocol):
 
 
 def run_blocks(
-    blocks: Sequence[nn.Module], ops: BlockOps, state: TokenState, method: TokenReducer, trace: Trace
+    blocks: Sequence[nn.Module], ops: BlockOps, state: TokenState, method: TokenReducer, trace: Trace,
+    after_block: Callable[[int, TokenState], None] | None = None,
 ) -> TokenState:
-    """x → [method.before_attention] → attention (+size bias) → residual → [method.reduce] → MLP → residual."""
+    """x → [method.before_attention] → attention (+size bias) → residual → [method.reduce] → MLP → residual.
+
+    ``after_block(layer, state)`` sees each block's output (``forward_intermediates`` collects features with it).
+    """
     for layer, block in enumerate(blocks):
         state = method.before_attention(layer, state, trace)
         trace.tokens_attn.append(state.num_tokens)
@@ -49,6 +53,8 @@ def run_blocks(
         state = reduced
         trace.tokens_mlp.append(state.num_tokens)
         state = state.with_x(ops.mlp_residual(block, state.x))
+        if after_block is not None:
+            after_block(layer, state)
     return state
 
 

@@ -52,7 +52,7 @@ def first_nonfinite(model: nn.Module) -> str | None:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_vitprune", None), PatchContext)
+    return isinstance(getattr(_feature_target(model), "_vitprune", None), PatchContext)
 
 
 def patch(model: nn.Module, method: str | Path | TokenReducer, *, trace_source: bool = False, **config: Any) -> nn.Module:
@@ -65,6 +65,7 @@ def patch(model: nn.Module, method: str | Path | TokenReducer, *, trace_source: 
     ``trace_source=True`` tracks which input patches each token holds (for pictures; costs memory).
     A model that is already patched is re-patched with the new method. On any error the model is untouched.
     """
+    wrapper, model = model, _feature_target(model)
     backend = _backend(model)
     original_class = model._vitprune.original_class if is_patched(model) else type(model)
     if isinstance(method, (str, Path)) and str(method).endswith(".json"):
@@ -92,15 +93,24 @@ def patch(model: nn.Module, method: str | Path | TokenReducer, *, trace_source: 
         backend.restore(model)
     backend.apply(model, PatchContext(reducer, info, original_class, trace_source))
     _attach_method_module(model, reducer)
-    return model
+    return wrapper
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore a patched model to exactly what it was (same class, same parameters); returns it."""
+    wrapper, model = model, _feature_target(model)
     if not is_patched(model):
         raise ValueError("model is not patched by vitprune; nothing to unpatch")
     _detach_method_module(model)
     _backend(model).restore(model)
+    return wrapper
+
+
+def _feature_target(model: nn.Module) -> nn.Module:
+    """The model inside timm's ``features_only`` wrapper (``FeatureGetterNet`` calls its ``forward_intermediates``),
+    so ``patch(timm.create_model(name, features_only=True), ...)`` patches what actually runs."""
+    if type(model).__name__ == "FeatureGetterNet" and isinstance(getattr(model, "model", None), nn.Module):
+        return model.model
     return model
 
 
@@ -130,4 +140,4 @@ def last_trace(model: nn.Module):
     """Tokens per block (and method notes) recorded by the last forward of a patched model."""
     if not is_patched(model):
         raise ValueError("model is not patched by vitprune")
-    return model._vitprune.last_trace
+    return _feature_target(model)._vitprune.last_trace

@@ -171,3 +171,84 @@ def with_prefix(idx: Tensor, num_prefix: int) -> Tensor:
     b = idx.shape[0]
     prefix = torch.arange(num_prefix, device=idx.device).unsqueeze(0).expand(b, num_prefix)
     return torch.cat([prefix, idx + num_prefix], dim=1)
+
+
+# ---- back onto the patch grid ------------------------------------------------------------------------------------
+# Dense heads, hierarchical models (PiT's pooling, Swin's windows and patch merging) and timm's feature API need one
+# feature per patch position. The rule, shared by all of them:
+#   * a kept patch token goes back to its own position;
+#   * a merged token goes back to *every* patch it holds (ToMe's "unmerge": its source map);
+#   * a pruned patch gets the package / fused token that holds it (``fill="package"``), or zeros (``fill="zeros"``,
+#     or where no package holds it, e.g. PPT's pruning, EViT with ``fuse=False``).
+# ``covered`` says, per position, how much of the value came from a token (1) rather than the zero fill (0), so a
+# caller can put something else there (e.g. the patch's features from the block where it was dropped).
+GRID_FILLS = ("package", "zeros")
+
+
+def grid_holders(state: TokenState, owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(patch, package): [B, HW] ordinals into ``state``'s tokens of the patch token and of the package token that
+    hold each grid position, −1 where none.
+
+    With a source map (``trace_source=True``) both come from it, so merged tokens hold all their patches. Without
+    one, each patch token holds only its own position (``index``), which is exact only if nothing was merged, and
+    packages come from ``owner`` ([B, HW] ordinal among the package tokens, read where no patch token holds the
+    position, or holds it with keep < 1; hierarchical backends record it as they prune), else the first package.
+    """
+    if state.grid is None or state.index is None:
+        raise ValueError("restoring the grid needs a TokenState with a grid and indices (TokenState.initial sets both)")
+    b, n = state.x.shape[:2]
+    p, hw = state.num_prefix, state.grid[0] * state.grid[1]
+    is_pkg = state.index == PACKAGE_INDEX
+    none = torch.full((b, hw), -1, dtype=torch.long, device=state.x.device)
+    if state.source is not None:
+        held = state.source[:, :, p:p + hw] > 0.5  # [B, N, HW]
+
+        def holder(tokens: Tensor) -> Tensor:
+            h = held & tokens.unsqueeze(-1)
+            return torch.where(h.any(1), h.to(torch.uint8).argmax(1), none)
+
+        return holder(~is_pkg & (state.index >= p)), holder(is_pkg)
+    size = state.sizes()[..., 0]
+    if bool(((size > 1) & ~is_pkg & (state.index >= p)).any()):
+        raise ValueError(
+            "merged tokens hold several patches and only a source map says which: patch the model with "
+            "trace_source=True (vitprune.patch(model, method, trace_source=True)) to restore the grid"
+        )
+    slot = torch.where(is_pkg | (state.index < p), hw, state.index - p)  # prefix and packages → spare slot hw
+    ordinal = torch.arange(n, device=state.x.device).expand(b, n)
+    patch = torch.cat([none, none[:, :1]], 1).scatter(1, slot, ordinal)[:, :hw]
+    package = none
+    if bool(is_pkg.any()):  # packages are the last tokens; without a record, the first one holds every position
+        first_pkg = is_pkg.to(torch.uint8).argmax(1, keepdim=True)
+        package = first_pkg.expand(b, hw) if owner is None else owner + first_pkg
+    return patch, package
+
+
+def restore_grid(state: TokenState, fill: str = "package", owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Tokens → (grid [B, C, H, W], covered [B, H, W]); see the rule above and :func:`grid_holders`.
+
+    With a reduction that did nothing this is the identity on the patch tokens. While a selector trains, tokens
+    are not removed but masked (``keep``, soft and straight-through): a position gets ``keep · token +
+    (1 − keep) · package``, so the refill stays differentiable in the decisions and shapes stay static.
+    """
+    if fill not in GRID_FILLS:
+        raise ValueError(f"fill must be one of {GRID_FILLS}, got {fill!r}")
+    b, _, c = state.x.shape
+    h, w = state.grid
+    patch, package = grid_holders(state, owner)
+    weight = state.keep.to(state.x.dtype) if state.keep is not None else state.x.new_ones(state.x.shape[:2])
+
+    def take(holder: Tensor) -> tuple[Tensor, Tensor]:
+        found = holder >= 0
+        idx = holder.clamp_min(0)
+        values = state.x.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+        return values, torch.where(found, weight.gather(1, idx), torch.zeros_like(weight[:, :1]))
+
+    grid, covered = take(patch)
+    grid = grid * covered.unsqueeze(-1)
+    if fill == "package":
+        values, found = take(package)
+        share = (found > 0).to(grid.dtype) * (1.0 - covered)
+        grid = grid + share.unsqueeze(-1) * values
+        covered = covered + share
+    return grid.transpose(1, 2).reshape(b, c, h, w), covered.view(b, h, w)

@@ -7,16 +7,18 @@ Only the model's class changes: its ``forward_features`` runs the blocks through
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
 from ..attention import EXP_ATTR, MASK_EPS, AttentionScores, attend, size_bias
+from .. import features
 from ..engine import PatchContext, run_blocks
 from ..kernels import fast_path_enabled, gelu_mlp_inplace, linear_into
 from ..methods.base import ModelInfo, Trace
 from ..tokens import TokenState
 from ..registry import register_backend
-from .swap import no_intermediates, swap_in, swap_out
+from .swap import swap_in, swap_out
 
 try:  # timm is a hard dependency, but keep the import error readable
     from timm.layers.attention import Attention as TimmAttention
@@ -171,6 +173,13 @@ class PatchedVisionTransformer:
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("a patched model changes the token count per block, so it cannot take attn_mask/is_causal")
+        return self.norm(self._vitprune_run(x).x)
+
+    def _vitprune_run(
+        self, x: Tensor, depth: int | None = None, after_block: Callable[[int, TokenState], None] | None = None
+    ) -> TokenState:
+        """Images → the final TokenState of the first ``depth`` blocks (all by default). With ``after_block`` the
+        source map is traced (the grid restore needs it) and the hook also sees the input tokens as layer −1."""
         _check_input(self, x)
         ctx = self._vitprune
         x = self.patch_embed(x)
@@ -178,11 +187,22 @@ class PatchedVisionTransformer:
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        state = TokenState.initial(x, self.num_prefix_tokens, grid=grid, trace_source=ctx.trace_source)
+        trace_source = ctx.trace_source or after_block is not None
+        state = TokenState.initial(x, self.num_prefix_tokens, grid=grid, trace_source=trace_source)
+        if after_block is not None:
+            after_block(-1, state)
         trace = Trace()
-        state = run_blocks(self.blocks, TimmBlockOps, state, ctx.method, trace)
+        blocks = self.blocks if depth is None else self.blocks[:depth]
+        state = run_blocks(blocks, TimmBlockOps, state, ctx.method, trace, after_block)
         ctx.finish(state, trace)
-        return self.norm(state.x)
+        return state
+
+    def forward_intermediates(self, x: Tensor, *args: Any, attn_mask: Tensor | None = None, is_causal: bool = False,
+                              **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates`` with full-grid features (see :mod:`vitprune.features`; ``fill=``)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("a patched model changes the token count per block, so it cannot take attn_mask/is_causal")
+        return features.forward_intermediates(self, self._vitprune_run, x, *args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -190,7 +210,6 @@ class PatchedVisionTransformer:
         pooled = pool_reduced(x, pool_type, self._vitprune, self.attn_pool, skip)
         return super().pool(x, pool_type) if pooled is None else pooled  # type: ignore[misc]
 
-    forward_intermediates = no_intermediates
 
 
 def apply(model: nn.Module, ctx: PatchContext) -> None:

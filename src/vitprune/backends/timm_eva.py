@@ -10,17 +10,19 @@ before the blocks, as in timm. As for ViT, only the model's class changes; ``unp
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import EXP_ATTR, AttentionScores, attend
+from .. import features
 from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, Trace
 from ..registry import register_backend
 from ..tokens import TokenState, no_rotation
-from .swap import no_intermediates, swap_in, swap_out
+from .swap import swap_in, swap_out
 from .timm import _check_input, pool_reduced
 
 from timm.layers.attention import AttentionRope
@@ -182,6 +184,13 @@ class PatchedEva:
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("a patched model changes the token count per block, so it cannot take attn_mask/is_causal")
+        return self.norm(self._vitprune_run(x).x)
+
+    def _vitprune_run(
+        self, x: Tensor, depth: int | None = None, after_block: Callable[[int, TokenState], None] | None = None
+    ) -> TokenState:
+        """Images → the final TokenState of the first ``depth`` blocks (all by default); with ``after_block`` the
+        source map is traced and the hook also sees the input tokens as layer −1 (see :mod:`vitprune.features`)."""
         _check_input(self, x)
         ctx = self._vitprune
         x = self.patch_embed(x)
@@ -189,11 +198,24 @@ class PatchedEva:
         x, rope = self._pos_embed(x)
         x = self.norm_pre(x)
         pos = initial_positions(rope, x, self.num_prefix_tokens)
-        state = TokenState.initial(x, self.num_prefix_tokens, grid=grid, trace_source=ctx.trace_source, pos=pos)
+        trace_source = ctx.trace_source or after_block is not None
+        state = TokenState.initial(x, self.num_prefix_tokens, grid=grid, trace_source=trace_source, pos=pos)
+        if after_block is not None:
+            after_block(-1, state)
         trace = Trace()
-        state = run_blocks(self.blocks, EvaBlockOps, state, ctx.method, trace)
+        blocks = self.blocks if depth is None else self.blocks[:depth]
+        state = run_blocks(blocks, EvaBlockOps, state, ctx.method, trace, after_block)
         ctx.finish(state, trace)
-        return self.norm(state.x)
+        return state
+
+    def forward_intermediates(self, x: Tensor, *args: Any, attn_mask: Tensor | None = None, is_causal: bool = False,
+                              **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates`` with full-grid features (see :mod:`vitprune.features`; ``fill=``)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("a patched model changes the token count per block, so it cannot take attn_mask/is_causal")
+        if kwargs.get("output_dict"):
+            raise ValueError("timm's Eva.forward_intermediates has no output_dict; leave it out")
+        return features.forward_intermediates(self, self._vitprune_run, x, *args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -201,7 +223,6 @@ class PatchedEva:
         pooled = pool_reduced(x, pool_type, self._vitprune, self.attn_pool, skip)
         return super().pool(x, pool_type) if pooled is None else pooled  # type: ignore[misc]
 
-    forward_intermediates = no_intermediates
 
 
 def apply(model: nn.Module, ctx: PatchContext) -> None:

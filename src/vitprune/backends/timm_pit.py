@@ -28,6 +28,7 @@ from ..attention import AttentionScores
 from ..engine import PatchContext, run_blocks
 from ..methods.base import ModelInfo, TokenReducer, Trace
 from ..tokens import PACKAGE_INDEX, TokenState
+from ..tokens import restore_grid as restore_tokens_to_grid
 from ..registry import register_backend
 from .swap import no_intermediates, swap_in, swap_out
 from .timm import TimmBlockOps
@@ -158,30 +159,16 @@ def _patch_slots(state: TokenState) -> tuple[Tensor, Tensor]:
 
 
 def restore_grid(state: TokenState, owner: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Tokens → (prefix [B, P, C], grid [B, C, H, W]) for the pooling conv.
+    """Tokens → (prefix [B, P, C], grid [B, C, H, W]) for the pooling conv (:func:`vitprune.tokens.restore_grid`).
 
-    Kept patch tokens go back to their positions. A pruned position gets the package token that holds it (zero
-    when the method keeps no package): the package is the keep-probability-weighted mean of exactly the tokens it
-    replaced, so it is the best single-vector estimate of them and what the stage's later blocks attended to in
-    their place. Zeros would read, to the 3×3 pooling conv, like image border padding, and a residual-stream
-    activation is far from zero (large mean components): a hole of zeros shifts the pooled features much more.
-    In training the mask is soft (straight-through): ``keep·token + (1 − keep)·package``, so the refill stays
-    differentiable in the decisions and shapes stay static.
+    Kept tokens go back to their positions; a pruned position gets the package token that holds it (zero when the
+    method keeps no package): the package is the keep-probability-weighted mean of exactly the tokens it replaced,
+    so it is the best single-vector estimate of them and what the stage's later blocks attended to in their place.
+    Zeros would read, to the 3×3 pooling conv, like image border padding, and a residual-stream activation is far
+    from zero (large mean components): a hole of zeros shifts the pooled features much more.
     """
-    b, _, c = state.x.shape
-    (h, w), p = state.grid, state.num_prefix
-    pos, weight = _patch_slots(state)
-    weight = weight.to(state.x.dtype)
-    grid = state.x.new_zeros(b, h * w + 1, c).scatter(1, pos.unsqueeze(-1).expand(-1, -1, c),
-                                                     state.x * weight.unsqueeze(-1))[:, :-1]
-    held = weight.new_zeros(b, h * w + 1).scatter(1, pos, weight)[:, :-1]
-    is_pkg = state.index[0] == PACKAGE_INDEX
-    if bool(is_pkg.any()):
-        packages = state.x[:, is_pkg]  # [B, K, C]
-        which = owner if owner is not None else packages.new_zeros(b, h * w, dtype=torch.long)
-        fill = packages.gather(1, which.unsqueeze(-1).expand(-1, -1, c))
-        grid = grid + (1.0 - held).unsqueeze(-1) * fill
-    return state.x[:, :p], grid.transpose(1, 2).reshape(b, c, h, w)
+    grid, _ = restore_tokens_to_grid(state, "package", owner)
+    return state.x[:, :state.num_prefix], grid
 
 
 class PatchedPoolingVisionTransformer:
