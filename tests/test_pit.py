@@ -1,5 +1,5 @@
 """PiT backend (timm PoolingVisionTransformer): learned selectors per stage, grid restore before pooling, MACs,
-training mode, unpatch; clear errors for Swin and for methods PiT cannot run."""
+training mode, unpatch; clear errors for methods PiT cannot run (Swin: tests/test_swin.py)."""
 from __future__ import annotations
 
 import pytest
@@ -157,14 +157,6 @@ def test_training_free_methods_on_pit_raise_clearly(method, config):
     with pytest.raises(ValueError, match="spvit.*heatvit"):
         vitprune.patch(model, method, **config)
     assert not vitprune.is_patched(model) and type(model).__name__ == "PoolingVisionTransformer"
-
-
-def test_swin_raises_with_the_reason():
-    model = make_vit("swin_tiny_patch4_window7_224")
-    with pytest.raises(ValueError, match="window") as err:
-        vitprune.patch(model, "spvit")
-    assert "window-level pruning" in str(err.value)
-    assert not vitprune.is_patched(model)
 
 
 def test_vitprune_train_on_pit_writes_selectors_that_load(tmp_path, testbed_assets):

@@ -6,15 +6,17 @@ but a patched model has fewer tokens after each reduction. The engine hands ever
 :func:`vitprune.tokens.restore_grid` (a merged token on every patch it holds, a kept token on its own), and fills
 the positions that no patch token holds any more, as ``fill`` says:
 
-* ``"last"`` (default): the patch's own features from the last block where a token still held it — a pruned patch
-  "exits early" with the representation it had, like early-exit token pruning for segmentation;
-* ``"package"``: the package / fused token that holds it (EViT, SPViT, HeatViT, ToGo), zeros where none does
-  (PPT's pruning, EViT with ``fuse=False``);
+* ``"similar"`` (default): the current features of the surviving token it was most similar to when it was dropped
+  (ToMe's matching, applied at restore time: a pruned patch is unmerged as if it had been merged into that token);
+* ``"last"``: the patch's own features from the last block where a token still held it ("early exit");
+* ``"package"``: the package / fused token that holds it (EViT, SPViT, HeatViT, ToGo with a package), zeros where
+  none does (PPT's pruning, EViT with ``fuse=False``);
 * ``"zeros"``: zeros.
 
-``"last"`` is the default because it is the closest to the unpatched model's features on real images: see the
-dense-fidelity table in ``docs/results.md`` (``benchmarks/dense_fidelity.py``). A package is one vector standing
-for up to hundreds of patches from all over the image, which a per-patch head cannot use.
+``"similar"`` is the default because its features are the closest to the unpatched model's on real images, in
+cosine and in a dense task (see the dense-fidelity table in ``docs/dense.md``, ``benchmarks/dense_fidelity.py``):
+``"last"`` features come from an earlier block, a different space from the last block's; a package is one vector
+standing for up to hundreds of patches from all over the image.
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ def forward_intermediates(
     output_fmt: str = "NCHW",
     intermediates_only: bool = False,
     output_dict: bool = False,
-    fill: str = "last",
+    fill: str = "similar",
 ) -> Any:
     """timm's ``forward_intermediates`` contract (same arguments, same outputs) on a patched model.
 

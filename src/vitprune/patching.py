@@ -21,6 +21,7 @@ def _backend(model: nn.Module):
         f"unsupported model type {type(model).__module__}.{type(model).__name__}; vitprune patches timm "
         "VisionTransformer models (ViT, DeiT, DINOv2, CLIP, SigLIP; e.g. timm.create_model('deit_small_patch16_224')), "
         "timm Eva models (EVA02, DINOv3, RoPE ViTs), timm PoolingVisionTransformer (PiT; spvit/heatvit only), "
+        "timm SwinTransformer (Swin; spvit/heatvit only), "
         "open_clip image towers (clip.visual; pip install 'vitprune[open_clip]'), and Hugging Face transformers "
         "ViT/DeiT/Dinov2/Dinov2WithRegisters models and classifiers, CLIPVisionModel(WithProjection), "
         "SiglipVisionModel, CLIPModel/SiglipModel (their vision tower) (pip install 'vitprune[hf]')"
@@ -28,17 +29,18 @@ def _backend(model: nn.Module):
 
 
 def _reject_windowed(model: nn.Module) -> None:
-    """Swin-style windowed attention: say why token reduction does not apply, instead of 'unsupported type'."""
-    swin = ("SwinTransformer", "SwinTransformerV2", "SwinTransformerV2Cr", "SwinModel", "Swinv2Model")
+    """Swin variants without a backend: say why and what runs, instead of 'unsupported type'."""
+    swin = ("SwinTransformerV2", "SwinTransformerV2Cr", "SwinModel", "Swinv2Model", "SwinForImageClassification",
+            "Swinv2ForImageClassification")
     if not any(type(m).__name__ in swin for m in (model, *model.children())):
         return
     raise ValueError(
-        f"{type(model).__name__} (Swin) cannot be token-reduced by vitprune: windowed attention partitions the tokens "
-        "into fixed windows of a full, regular grid (7x7 per window, shifted by half a window every other block) and "
-        "patch merging pools 2x2 neighbours, so removing or merging tokens breaks the window/shift structure; "
-        "masking pruned tokens inside their windows would keep that structure but save no compute, and real savings "
-        "need window-level pruning (drop whole windows, restore them before each shift and patch merging). "
-        "Use a plain ViT/DeiT (all methods) or a PiT (pit_ti/xs/s_224: spvit, heatvit)"
+        f"{type(model).__name__} (Swin V2 / Hugging Face Swin) cannot be token-reduced by vitprune: windowed "
+        "attention needs every token back on the full grid of windows (7x7, shifted by half a window every other "
+        "block) and patch merging pools 2x2 neighbours, so each Swin implementation needs a backend that scatters "
+        "the kept tokens onto that grid, and only timm's Swin (v1) has one. Use timm's SwinTransformer "
+        "(e.g. timm.create_model('swin_tiny_patch4_window7_224'); spvit, heatvit), a PiT (pit_ti/xs/s_224: spvit, "
+        "heatvit) or a plain ViT/DeiT (all methods)"
     )
 
 

@@ -79,7 +79,7 @@ def find_backend(model: Any) -> Any | None:
 
 
 def _import_builtin_backends() -> None:
-    from .backends import timm, timm_eva, timm_pit  # noqa: F401  (each registers itself on import)
+    from .backends import timm, timm_eva, timm_pit, timm_swin  # noqa: F401  (each registers itself on import)
 
     # transformers stays optional: a model can only be one of its classes if transformers has been imported already
     if "transformers" in sys.modules:

@@ -107,6 +107,21 @@ def block_stages(info: ModelInfo) -> dict[int, ModelInfo]:
     return at
 
 
+def structure(info: ModelInfo) -> tuple[tuple[int, int, int], ...]:
+    """(depth, width, heads) of each stage: recognises a model family whatever its image size."""
+    return tuple((s.depth, s.dim, s.num_heads) for s in (getattr(info, "stages", None) or (info,)))
+
+
+# (keep, blocks) used when neither is given, for models recognised by their structure. Swin-T/S: SPViT's Swin budgets
+# (4.50 → 3.47 and 8.70 → 6.35 GMACs); selectors at three blocks of the long third stage and at the last block, keep
+# (ρ, ρ², ρ³, ρ) with ρ the largest that fits the budget in MACs counted from the executed ops (Swin-T 3.469,
+# Swin-S 6.340 GMACs at 224; `benchmarks/speed_swin.py --find` re-derives them, tests/test_swin.py checks them).
+STRUCTURE_DEFAULTS: dict[tuple[tuple[int, int, int], ...], tuple[tuple[float, ...], tuple[int, ...]]] = {
+    ((2, 96, 3), (2, 192, 6), (6, 384, 12), (2, 768, 24)): ((0.635, 0.403, 0.256, 0.635), (5, 7, 9, 11)),
+    ((2, 96, 3), (2, 192, 6), (18, 384, 12), (2, 768, 24)): ((0.701, 0.491, 0.344, 0.701), (8, 13, 17, 23)),
+}
+
+
 def selector_macs(n: int, dim: int, num_heads: int) -> int:
     """MACs of one selector on ``n`` tokens (DESIGN §3 gives ≈ 5/8·N·C² + N·C/2 for the per-head MLP form)."""
     d = dim // num_heads
@@ -154,6 +169,9 @@ class TokenSelector(TokenReducer):
     supports_stages: ClassVar[bool] = True  # reads ``info.stages``, so hierarchical backends (PiT) accept it
 
     def setup(self, info: ModelInfo) -> None:
+        default = STRUCTURE_DEFAULTS.get(structure(info))
+        if default is not None and self.blocks is None and self.keep == type(self).keep:  # neither given
+            self.keep, self.blocks = default
         if self.mode not in MODES:
             raise ValueError(f"{self.name}: mode must be one of {MODES}, got {self.mode!r}")
         if self.package not in PACKAGES:
@@ -187,6 +205,8 @@ class TokenSelector(TokenReducer):
         self.keep = keeps
         self.keep_at = dict(zip(self.blocks, keeps))
         self.stage_of = {b: i for i, b in enumerate(self.blocks)}
+        # selectors before each one in the same model stage: how many packages it finds (a pooling stage drops them)
+        self.earlier_at = {b: sum(1 for a in self.blocks if a < b and at[a] is at[b]) for b in self.blocks}
         self.num_patches = info.num_patches
         self.patches_at = {b: at[b].num_patches for b in self.blocks}
         self.num_prefix = info.num_prefix
@@ -208,10 +228,24 @@ class TokenSelector(TokenReducer):
             return self._select_masked(layer, selector, state, trace)
         return self._select_gather(layer, selector, state, trace)
 
-    def _split(self, state: TokenState) -> tuple[int, int]:
+    def _split(self, layer: int, state: TokenState) -> tuple[int, int]:
         """(first, end) positions of the candidate patch tokens: after the prefix, before the package tokens."""
-        n_pack = 0 if state.index is None else int((state.index[0] == PACKAGE_INDEX).sum())
-        return state.num_prefix, state.num_tokens - n_pack
+        return state.num_prefix, state.num_tokens - self._packages_before(layer, state)
+
+    def _packages_before(self, layer: int, state: TokenState) -> int:
+        """Package tokens at the end of ``state`` when the selector at ``layer`` runs.
+
+        Every stage attaches one (training, and fixed-count inference), so the schedule gives the count without
+        reading the data: fixed-count inference then has no host sync and compiles to one graph (torch.compile,
+        export). Adaptive inference skips the package of a stage where no image dropped a token, so there the
+        token indices say.
+        """
+        if self.mode == "adaptive" and not self.module[str(layer)].training:
+            return 0 if state.index is None else int((state.index[0] == PACKAGE_INDEX).sum())
+        if self.package == "none":
+            return 0
+        earlier = self.earlier_at[layer]
+        return earlier if self.package == "append" else min(earlier, 1)
 
     def _count(self, layer: int, n: int, count: int | None = None) -> int:
         """Tokens a fixed-count selector keeps of ``n`` candidates: ``count``, else the schedule's
@@ -221,7 +255,7 @@ class TokenSelector(TokenReducer):
 
     def _select_masked(self, layer: int, selector: MultiHeadSelector, state: TokenState, trace: Trace) -> TokenState:
         """Training: hard decisions (top-k or Gumbel, see the module docstring) as a key mask; no token moves."""
-        p, e = self._split(state)
+        p, e = self._split(layer, state)
         x = state.x[:, p:e]
         keep = state.keep if state.keep is not None else state.x.new_ones(state.x.shape[:2])
         prev = keep[:, p:e]
@@ -235,13 +269,14 @@ class TokenSelector(TokenReducer):
         trace.note("selector_keep", layer, hard)  # [B, n] over the original patch tokens, with gradient
         trace.note("selector_prob", layer, probs[..., 0] * prev)
         state = replace(state, keep=keep)
-        return self._attach_package(state, self._package_value(state, x, probs[..., 0] * dropped, dropped))
+        packed = self._package_value(layer, state, x, probs[..., 0] * dropped, dropped)
+        return self._attach_package(layer, state, packed)
 
     def _select_gather(self, layer: int, selector: MultiHeadSelector, state: TokenState, trace: Trace,
                        count: int | None = None) -> TokenState:
         """Inference: gather kept tokens (fixed count — ``count`` overrides the schedule's — or per image by
         threshold with padding)."""
-        p, e = self._split(state)
+        p, e = self._split(layer, state)
         x = state.x[:, p:e]
         prev = None if state.keep is None else state.keep[:, p:e]
         _, probs = selector(x, prev)
@@ -272,7 +307,7 @@ class TokenSelector(TokenReducer):
             w_late = score.gather(1, late).clamp_min(0.0) * (~kept_mask)
             drop_w = drop_w.scatter_add(1, late, w_late)
         dropped = (drop_w > 0).to(x.dtype)
-        packed = self._package_value(state, x, drop_w, dropped)
+        packed = self._package_value(layer, state, x, drop_w, dropped)
         if packed is not None and kept_mask is not None and not bool((packed[1] > 0).any()):
             packed = None  # adaptive: no image dropped anything, so no empty package token
         rest = state.num_tokens - e
@@ -286,24 +321,24 @@ class TokenSelector(TokenReducer):
             if new.keep is not None:
                 keep = keep * new.keep
             new = replace(new, keep=keep)
-        return self._attach_package(new, packed)
+        return self._attach_package(layer, new, packed)
 
     # ---- packaging ---------------------------------------------------------------------------------------------
-    def _package_value(self, state: TokenState, x: Tensor, weight: Tensor, dropped: Tensor):
+    def _package_value(self, layer: int, state: TokenState, x: Tensor, weight: Tensor, dropped: Tensor):
         if self.package == "none":
             return None
-        p, e = self._split(state)
+        p, e = self._split(layer, state)
         src = None
         if state.source is not None:
             src = (state.source[:, p:e] * dropped.unsqueeze(-1)).amax(dim=1)
         size = (state.sizes()[:, p:e, 0] * dropped).sum(dim=1)
         return package(x, weight), size, src
 
-    def _attach_package(self, state: TokenState, packed) -> TokenState:
+    def _attach_package(self, layer: int, state: TokenState, packed) -> TokenState:
         if packed is None:
             return state
         value, size, src = packed
-        has_package = state.index is not None and bool((state.index[0, -1] == PACKAGE_INDEX).item())
+        has_package = self._packages_before(layer, state) > 0
         # with a keep mask (training, adaptive padding), an image's package stays masked until it holds something,
         # so an image that dropped nothing computes exactly as if it ran alone
         holds = (size > 0).to(state.x.dtype).detach()
