@@ -13,7 +13,6 @@ approximate exponential (HeatViT's polynomial softmax), take the explicit path: 
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Callable
 
 import torch
@@ -29,7 +28,11 @@ def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 class AttentionScores:
-    """What a block's attention exposes to the method: q, k, v per head and derived scores, computed lazily."""
+    """What a block's attention exposes to the method: q, k, v per head and derived scores, computed lazily.
+
+    The lazy scores are memoised in a plain dict rather than with ``functools.cached_property``: on Python < 3.12
+    that takes an ``RLock``, a context manager torch.compile cannot trace (``fullgraph=True`` failed on it).
+    """
 
     def __init__(
         self, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, keep: Tensor | None = None
@@ -38,10 +41,19 @@ class AttentionScores:
         self.scale = scale
         self.bias = bias  # [B, 1, 1, N] or None
         self.keep = keep  # [B, N] key mask (selector training) or None
+        self._memo: dict[str, Tensor] = {}
 
-    @cached_property
+    def _once(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    @property
     def cls_attn(self) -> Tensor:
         """[B, H, N]: attention of the first token (CLS) to every token, per head, size bias included."""
+        return self._once("cls_attn", self._cls_attn)
+
+    def _cls_attn(self) -> Tensor:
         logits = (self.q[:, :, :1] * self.scale) @ self.k.transpose(-2, -1)  # [B, H, 1, N]
         if self.bias is not None:
             logits = logits + self.bias
@@ -49,13 +61,16 @@ class AttentionScores:
             return masked_softmax(logits, self.keep).squeeze(2).to(self.q.dtype)
         return logits.float().softmax(dim=-1).squeeze(2).to(self.q.dtype)
 
-    @cached_property
+    @property
     def received_attn(self) -> Tensor:
         """[B, H, N]: the attention each token receives, averaged over the queries, each query weighted by its size.
 
         For models without a CLS token. It asks every token where it looks, not one token, and weighting queries by
         size makes a merged token count like the copies it stands for, as proportional attention does for keys.
         """
+        return self._once("received_attn", self._received_attn)
+
+    def _received_attn(self) -> Tensor:
         logits = (self.q * self.scale) @ self.k.transpose(-2, -1)  # [B, H, N, N]
         if self.bias is not None:
             logits = logits + self.bias
@@ -70,15 +85,15 @@ class AttentionScores:
         """[B, H, N] attention-based token importance: the CLS row (``cls_attn``), or ``received_attn`` without CLS."""
         return self.cls_attn if has_cls else self.received_attn
 
-    @cached_property
+    @property
     def mean_keys(self) -> Tensor:
         """[B, N, D]: keys averaged over heads (ToMe's similarity metric)."""
-        return self.k.mean(dim=1)
+        return self._once("mean_keys", lambda: self.k.mean(dim=1))
 
-    @cached_property
+    @property
     def value_norms(self) -> Tensor:
         """[B, N]: ‖v_j‖₂ over all heads concatenated (PPT's importance factor)."""
-        return self.v.pow(2).sum(dim=(1, 3)).sqrt()
+        return self._once("value_norms", lambda: self.v.pow(2).sum(dim=(1, 3)).sqrt())
 
 
 # An attention module carrying this attribute (a callable) has its softmax's exp replaced by it; the hardware path

@@ -17,8 +17,13 @@ _local = threading.local()
 
 
 def fast_path_enabled(module: nn.Module) -> bool:
-    # in-place writes into a reused buffer cannot be traced by torch.export / the ONNX exporter
-    return not torch.is_grad_enabled() and not module.training and not torch.compiler.is_exporting()
+    """The workspace path is for eager inference only. torch.export / the ONNX exporter cannot trace in-place writes
+    into a reused buffer; under torch.compile a buffer kept outside the graph is one more thing to guard on (a regrown
+    or re-strided buffer recompiles), and Inductor plans its own buffers and fuses GELU and the residual anyway."""
+    return (
+        not torch.is_grad_enabled() and not module.training
+        and not torch.compiler.is_exporting() and not torch.compiler.is_compiling()
+    )
 
 
 def workspace(key: str, rows: int, cols: int, like: Tensor) -> Tensor:

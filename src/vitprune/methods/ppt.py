@@ -51,9 +51,9 @@ from torch import Tensor
 
 from ..attention import AttentionScores
 from ..registry import register_method
-from ..tokens import TokenState, gather_tokens, merge_tokens, where_tokens, with_prefix
+from ..tokens import TokenState, gather_tokens, where_tokens, with_prefix
 from .base import ModelInfo, TokenReducer, Trace, check_blocks, is_whole, per_block
-from .tome import bipartite_soft_matching
+from .tome import match_tokens, merge_wavg
 
 POLICIES = ("adaptive", "adaptive_invariant", "prune", "pool")
 
@@ -88,6 +88,11 @@ def prune_indices(score: Tensor, keep: int, num_prefix: int) -> Tensor:
     """[B, P + keep] positions to keep: the prefix, then the ``keep`` best patch tokens in descending score."""
     order = score.topk(keep, dim=1, largest=True, sorted=True).indices
     return with_prefix(order, num_prefix)
+
+
+def _graph_capture() -> bool:
+    """True under torch.export / ONNX export or torch.compile: no reading tensor values into Python."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 def pooled_fraction(trace: Trace) -> dict[int, float]:
@@ -159,15 +164,15 @@ class PPT(TokenReducer):
                 stat = policy_statistic(score, self.policy == "adaptive_invariant", self.ref_tokens)
                 pooled = stat < self.threshold
                 trace.note("ppt_var", layer, stat)
-                # Skipping the branch no image takes reads this batch's data in Python; an exported graph must
-                # fit any input, so under export both branches run (n_pool = -1: unknown) and _select picks.
-                n_pool = -1 if torch.compiler.is_exporting() else int(pooled.sum())
+                # Skipping the branch no image takes reads this batch's data in Python; an exported or compiled
+                # graph must fit any input, so there both branches run (n_pool = -1: unknown) and where_tokens picks.
+                n_pool = -1 if _graph_capture() else int(pooled.sum())
         trace.note("ppt_policy", layer, pooled)
 
         pool_state = prune_state = None
         if n_pool != 0:
-            merge, layout = bipartite_soft_matching(scores.mean_keys, r, p)
-            pool_state = merge_tokens(state, merge, layout)
+            plan = match_tokens(scores.mean_keys, r, p)
+            pool_state = state if plan is None else merge_wavg(state, plan)
         if n_pool != b:
             prune_state = gather_tokens(state, prune_indices(score, state.num_patches - r, p))
         if prune_state is None:
