@@ -27,7 +27,7 @@ test: $(STAMP)
 lock: | $(UV)
 	$(UV) lock
 
-# The newest releases of torch, timm, transformers and onnxruntime against the smoke tests (CI runs this too).
+# The newest releases of every dependency against the smoke tests (CI runs this too; .ci/drift names what it watches).
 drift: | $(UV)
 	bash .ci/drift
 

@@ -59,8 +59,8 @@ def main() -> None:
         def per_image() -> object:
             return [model(batch[i:i + 1]) for i in range(len(batch))]
 
-        times, _ = round_robin([(lambda: None, lambda: model(batch)), (lambda: None, per_image)],
-                               threads=args.threads, rounds=args.rounds)
+        times = round_robin([(lambda: None, lambda: model(batch)), (lambda: None, per_image)],
+                            threads=args.threads, rounds=args.rounds).times
     pad_s, one_s = (statistics.median(t) for t in times)
     print(f"{label}: batch {args.batch_size}, {args.threads} threads, fp32, cpu, {args.rounds} rounds, "
           f"threshold {args.threshold}")

@@ -36,8 +36,8 @@ from vitprune.tokens import TokenState
 def round_robin(configs: dict[str, tuple[Callable[[], None], Callable[[], object]]], threads: int, rounds: int,
                 min_round_time: float, warmup: int = 2) -> dict[str, list[float]]:
     """``configs[label] = (setup, fn)``: seconds per ``fn()`` call per round (vitprune's round-robin timer)."""
-    times, _ = timing_round_robin(list(configs.values()), threads=threads, rounds=rounds,
-                                  min_round_time=min_round_time, warmup=warmup)
+    times = timing_round_robin(list(configs.values()), threads=threads, rounds=rounds,
+                               min_round_time=min_round_time, warmup=warmup).times
     return dict(zip(configs, times))
 
 

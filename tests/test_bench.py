@@ -107,3 +107,40 @@ def test_cli_rejects_bad_method():
     result = CliRunner().invoke(app, ["bench", "--model", "deit_tiny_patch16_224", "-m", "evit:keep=2",
                                       "--no-speed"])
     assert result.exit_code == 2 and "(0, 1]" in result.output and "Traceback" not in result.output
+
+
+def test_peak_memory_is_per_block():
+    """The probe sees a block's own allocation, and a reset forgets it (the bench reads one peak per timed block)."""
+    from vitprune.measure.memory import PeakMemory
+
+    probe = PeakMemory("cpu")
+    if not probe.resettable:
+        pytest.skip(f"no per-block reset here: {probe.kind}")
+    probe.reset()
+    base = probe.read_mib()
+    block = torch.ones(64 << 20)  # 256 MiB, touched
+    del block
+    peak = probe.read_mib()
+    assert peak > base + 200
+    probe.reset()
+    assert probe.read_mib() < peak - 200
+
+
+def test_latency_percentiles_over_calls():
+    """per_call timing: every call is a sample, so p90 >= p50 and a slow call every few moves p90, not p50."""
+    import time
+
+    from vitprune.measure.speed import interleaved_throughput
+
+    calls = {"n": 0}
+
+    def model(x):
+        calls["n"] += 1
+        time.sleep(0.02 if calls["n"] % 4 == 0 else 0.002)
+        return x
+
+    fast, = interleaved_throughput(model, torch.zeros(1, 3), [lambda: None], threads=1, rounds=3,
+                                   min_round_time=0.2, per_call=True)
+    assert fast.latency_ms_median < 10 and fast.latency_ms_p90 > 15
+    block, = interleaved_throughput(model, torch.zeros(1, 3), [lambda: None], threads=1, rounds=2, min_round_time=0.1)
+    assert block.latency_ms_p90 is None

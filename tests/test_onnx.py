@@ -1,6 +1,7 @@
 """ONNX export and ONNX Runtime: every fixed-count method exports, ORT matches PyTorch, int8 runs, clear errors."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -57,15 +58,13 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Export each configuration once per module: (model, sample, path)."""
-    cache = {}
 
+    @functools.cache
     def get(name: str):
-        if name not in cache:
-            torch.manual_seed(0)
-            model, x = tiny_vit(), torch.randn(4, 3, 32, 32)
-            CONFIGS[name](model, x)
-            cache[name] = model, x, export_onnx(model, tmp_path_factory.mktemp(name) / "m.onnx", sample=x)
-        return cache[name]
+        torch.manual_seed(0)
+        model, x = tiny_vit(), torch.randn(4, 3, 32, 32)
+        CONFIGS[name](model, x)
+        return model, x, export_onnx(model, tmp_path_factory.mktemp(name) / "m.onnx", sample=x)
 
     return get
 

@@ -1,7 +1,9 @@
-"""``vitprune bench``: GMACs, throughput, top-1 and tokens per block for a model under several methods, in one run.
+"""``vitprune bench``: GMACs, throughput (or latency), peak memory, top-1 and tokens per block for a model under
+several methods, in one run, in eager PyTorch and optionally in deployment runtimes (``hw/runtimes.py``).
 
-Speedups are against the unpatched model measured in the same run: all configurations are timed round-robin
-(unpatched, method 1, method 2, …, repeated), so drift of a shared machine hits every row alike.
+Speedups are against the unpatched model in eager PyTorch measured in the same run: all configurations, in every
+runtime, are timed round-robin (unpatched, method 1, method 2, …, repeated), so drift of a shared machine hits
+every row alike. At batch 1 each call is timed on its own, for latency percentiles (p50, p90) over calls.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from . import patching
 from .measure.accuracy import evaluate
 from .measure.flops import count_macs
 from .measure.report import BenchRow
+from .hw.runtimes import CALIBRATION_IMAGES, LABELS, Target, build_runners, check_runtimes, parse_runtimes
 from .measure.speed import interleaved_throughput
 from .specs import format_method_spec, parse_method_spec
 
@@ -60,10 +63,13 @@ class BenchSettings:
     eval_batch_size: int = 256
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
-    runtime: str = "pytorch"  # "onnxruntime": also each configuration exported to ONNX, in ORT fp32 and int8
+    # Runtimes besides eager PyTorch (always measured, the reference), comma-separated: "compile", "onnxruntime",
+    # "openvino", "executorch" (fp32 and int8 rows each), or "openvino-int8" etc. for one precision.
+    runtime: str = "torch"
+    peak_memory: bool = True  # each timed row's peak memory (measure.memory)
 
 
-RUNTIMES = ("pytorch", "onnxruntime")
+LATENCY_BATCH = 1  # at this batch size calls are timed one by one: p50/p90 latency instead of img/s
 
 
 @dataclass
@@ -92,20 +98,31 @@ def run_bench(
     example: torch.Tensor,
     on_step: Callable[[str], None] | None = None,
     on_detail: Callable[[str], None] | None = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> BenchResult:
     """Measure the unpatched model and every spec. ``example`` is one batch of inputs used for MACs and speed.
     ``on_step(message)`` hears each step; ``on_detail(message)`` where a long step is (the speed rounds).
+    ``calibration``: image batches for the int8 rows of OpenVINO and ExecuTorch (default: the first
+    ``CALIBRATION_IMAGES`` images of ``data``, else ``example``).
 
-    The same model object is patched and unpatched for each spec, so no weights are copied.
+    The same model object is patched and unpatched for each spec, so no weights are copied (``compile`` rows
+    compile a copy per configuration).
     """
     step = on_step or (lambda _msg: None)
-    check_runtime(settings.runtime, settings.device, settings.dtype)
+    targets = check_runtime(settings.runtime, settings.device, settings.dtype)
     model = model.to(device=settings.device, dtype=settings.dtype).eval()
     example = example.to(device=settings.device, dtype=settings.dtype)
     configs = [("none", {})] + [parse_method_spec(s) for s in specs]
+    exported = any(t.exported for t in targets)
     for name, config in configs[1:]:  # fail early on a bad spec, before any long measurement
         patching.patch(model, name, **config)
-        patching.unpatch(model)
+        try:
+            if exported:
+                from .hw.onnx_export import check_exportable
+
+                check_exportable(model)
+        finally:
+            patching.unpatch(model)
 
     rows: list[BenchRow] = []
     for name, config in configs:
@@ -125,25 +142,39 @@ def run_bench(
                              macs_ratio=1.0, top1=top1, tokens_per_layer=tokens,
                              extra={"spec": label, "tokens_mlp": tokens_mlp}))
     _configure(model, "none", {})
-    ort = []  # (configuration index, row, session) for ONNX Runtime rows
-    if settings.runtime == "onnxruntime":
-        ort = _onnxruntime_rows(model, configs, rows, data, settings, example, step)
+    speed_batch = _speed_batch(example, settings.batch_size)
+    latency = settings.batch_size == LATENCY_BATCH
+    with tempfile.TemporaryDirectory(prefix="vitprune-runtimes-") as tmp:
+        others = []  # (configuration index, row, runner) for every runtime besides eager PyTorch
+        if len(targets) > 1:
+            if calibration is None and any(t.precision == "int8" and t.runtime in ("openvino", "executorch")
+                                           for t in targets):
+                calibration = calibration_batches(data, example)
+            others = _runtime_rows(model, configs, rows, targets, data, settings, speed_batch, Path(tmp),
+                                   calibration, step)
 
-    if settings.measure_speed:
-        step("speed (all configurations, interleaved)")
-        runner = _Runner(model)
-        setups = [runner.setup(model, lambda n=name, c=config: _configure(model, n, c)) for name, config in configs]
-        setups += [runner.setup(session) for _, _, session in ort]
-        speeds = interleaved_throughput(runner, _speed_batch(example, settings.batch_size), setups,
-                                        threads=settings.threads, rounds=settings.rounds, on_round=on_detail)
-        _configure(model, "none", {})
-        for row, sp in zip(rows + [row for _, row, _ in ort], speeds):
-            row.img_per_s = sp.img_per_s
-            row.extra["latency_ms"] = sp.latency_ms_median
-            row.extra["latency_iqr_ms"] = sp.latency_ms_iqr
-    if ort:  # each configuration's rows together: PyTorch, ORT fp32, ORT int8
+        if settings.measure_speed:
+            step("speed (all configurations, interleaved)")
+            runner = _Runner(model)
+            setups = [runner.setup(model, lambda n=name, c=config: _configure(model, n, c)) for name, config in configs]
+            setups += [runner.setup(target) for _, _, target in others]
+            speeds = interleaved_throughput(runner, speed_batch, setups, threads=settings.threads,
+                                            rounds=settings.rounds, on_round=on_detail, per_call=latency,
+                                            peak_memory=settings.peak_memory)
+            _configure(model, "none", {})
+            for row, sp in zip(rows + [row for _, row, _ in others], speeds):
+                row.img_per_s = sp.img_per_s
+                row.extra["latency_ms"] = sp.latency_ms_median
+                row.extra["latency_iqr_ms"] = sp.latency_ms_iqr
+                if sp.latency_ms_p90 is not None:
+                    row.extra["latency_p50_ms"] = sp.latency_ms_median
+                    row.extra["latency_p90_ms"] = sp.latency_ms_p90
+                if sp.peak_mib is not None:
+                    row.extra["peak_mib"] = sp.peak_mib
+    memory_kind = speeds[0].memory_kind if settings.measure_speed and settings.peak_memory else None
+    if others:  # each configuration's rows together, in the order of the targets
         grouped = [[row] for row in rows]
-        for i, row, _ in ort:
+        for i, row, _ in others:
             grouped[i].append(row)
         rows = [row for group in grouped for row in group]
     base = rows[0]
@@ -153,6 +184,7 @@ def run_bench(
             row.speedup = row.img_per_s / base.img_per_s
         if base.top1 is not None and row.top1 is not None:
             row.top1_delta = row.top1 - base.top1
+    timing = "each call timed alone: p50/p90 latency over calls" if latency else "torch.utils.benchmark"
     meta = {
         "model": model_name,
         "batch_size": settings.batch_size if settings.measure_speed else None,
@@ -162,15 +194,61 @@ def run_bench(
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "macs": "multiply-accumulates per image from executed ops (torch.utils.flop_counter FLOPs / 2)",
-        "speed": f"torch.utils.benchmark, median of {settings.rounds} interleaved rounds per configuration",
+        "speed": f"{timing}, median of {settings.rounds} interleaved rounds per configuration",
+        "latency": latency and settings.measure_speed,
+        "peak_memory": memory_kind,
+        "runtimes": [t.name for t in targets],
         "noisy_timings": noisy_timings(rows),
     }
-    if ort:
-        import onnxruntime
-
-        meta["runtime"] = (f"PyTorch and ONNX Runtime {onnxruntime.__version__} (CPU, {settings.threads} intra-op "
-                           "threads): fp32, and dynamic int8 (MatMul/Gemm weights int8, activations uint8 per batch)")
+    if len(targets) > 1:
+        meta["runtime"] = describe_runtimes(targets, settings.threads)
     return BenchResult(rows=rows, meta=meta)
+
+
+def describe_runtimes(targets: list[Target], threads: int) -> str:
+    """One line for the meta and the table: which runtime versions ran, how."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"PyTorch {torch.__version__}"]
+    names = {"onnxruntime": ("ONNX Runtime", "onnxruntime"), "openvino": ("OpenVINO", "openvino"),
+             "executorch": ("ExecuTorch", "executorch")}
+    for runtime in dict.fromkeys(t.runtime for t in targets if t.runtime != "torch"):
+        if runtime == "compile":
+            parts.append("torch.compile (inductor)")
+            continue
+        title, package = names[runtime]
+        try:
+            parts.append(f"{title} {version(package)}")
+        except PackageNotFoundError:  # pragma: no cover - checked before
+            parts.append(title)
+    int8 = {"onnxruntime": "ORT dynamic (MatMul/Gemm weights int8, activations per batch)",
+            "openvino": "OpenVINO NNCF post-training (calibrated)",
+            "executorch": "ExecuTorch PT2E, XNNPACK quantizer (Linear/Conv, calibrated)"}
+    quantized = [int8[r] for r in dict.fromkeys(t.runtime for t in targets if t.precision == "int8")]
+    precisions = f"; int8: {', '.join(quantized)}" if quantized else ""
+    return f"{', '.join(parts)} (CPU, {threads} thread{'s' * (threads != 1)}){precisions}"
+
+
+def calibration_batches(data: Any | None, example: torch.Tensor, images: int = CALIBRATION_IMAGES,
+                        batch: int = 32) -> list[torch.Tensor]:
+    """Calibration image batches for int8: the first ``images`` images of ``data`` (a dataset of (image, label)
+    pairs or an iterable of batches), else ``example``."""
+    from torch.utils.data import Dataset
+
+    if data is None:
+        return [example.detach().float().cpu()]
+    if isinstance(data, Dataset):
+        n = min(images, len(data))
+        stacked = torch.stack([data[i][0] for i in range(n)])
+        return list(stacked.float().split(batch))
+    out, seen = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        out.append(x[: images - seen].detach().float().cpu())
+        seen += out[-1].shape[0]
+        if seen >= images:
+            break
+    return out or [example.detach().float().cpu()]
 
 
 NOISY_IQR = 0.15  # interquartile range of the round times, relative to the median, above which timings are suspect
@@ -205,12 +283,12 @@ def _configure(model: nn.Module, name: str, config: dict[str, Any]) -> None:
         patching.patch(model, name, **config)
 
 
-def check_runtime(runtime: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-    """One ValueError for a runtime the bench cannot run (ONNX Runtime rows are CPU, exported from fp32)."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if runtime == "onnxruntime" and (device != "cpu" or dtype != torch.float32):
-        raise ValueError("the onnxruntime rows run on the CPU from an fp32 export; use --device cpu --dtype fp32")
+def check_runtime(runtime: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Target]:
+    """The targets of ``runtime`` (see ``hw.runtimes.parse_runtimes``), or one ValueError for what cannot run
+    here (unknown name, an exported runtime off the CPU or from bf16, a runtime whose package is missing)."""
+    targets = parse_runtimes(runtime)
+    check_runtimes(targets, device, dtype)
+    return targets
 
 
 class _Runner:
@@ -230,38 +308,45 @@ class _Runner:
         return apply
 
 
-def _onnxruntime_rows(
-    model: nn.Module, configs: list[tuple[str, dict[str, Any]]], rows: list[BenchRow], data: Any | None,
-    settings: BenchSettings, example: torch.Tensor, step: Callable[[str], None],
+def _runtime_rows(
+    model: nn.Module, configs: list[tuple[str, dict[str, Any]]], rows: list[BenchRow], targets: list[Target],
+    data: Any | None, settings: BenchSettings, sample: torch.Tensor, folder: Path,
+    calibration: Sequence[torch.Tensor] | None, step: Callable[[str], None],
 ) -> list[tuple[int, BenchRow, nn.Module]]:
-    """(configuration index, row, session) for every configuration exported to ONNX and run in ORT fp32 and int8.
-
-    Also labels the PyTorch rows, so the three runtimes of a configuration read apart in one table.
-    """
-    from .hw.onnx_export import OrtModule, export_onnx, ort_session, quantize_dynamic_int8
-
+    """(configuration index, row, runner) for every configuration in every target besides eager PyTorch, with
+    its top-1 when there is data. Also labels the PyTorch rows, so the runtimes of a configuration read apart."""
+    runtimes = list(dict.fromkeys(t.runtime for t in targets if t.runtime != "torch"))
     out = []
-    with tempfile.TemporaryDirectory(prefix="vitprune-onnx-") as tmp:
-        for i, ((name, config), row) in enumerate(zip(configs, rows)):
-            label = row.extra["spec"]
-            _configure(model, name, config)
-            step(f"{label}: ONNX export and int8 quantization")
-            fp32 = export_onnx(model, Path(tmp) / f"{i}.onnx", sample=_speed_batch(example, settings.batch_size))
-            int8 = quantize_dynamic_int8(fp32, Path(tmp) / f"{i}.int8.onnx")
-            for precision, path in (("fp32", fp32), ("int8", int8)):
-                session = OrtModule(ort_session(path, settings.threads))  # loaded into memory: tmp may go
+    for i, ((name, config), row) in enumerate(zip(configs, rows)):
+        label = row.extra["spec"]
+        _configure(model, name, config)
+        for runtime in runtimes:
+            precisions = [t.precision for t in targets if t.runtime == runtime]
+            step(f"{label}: " + ("torch.compile" if runtime == "compile" else f"{LABELS[runtime]} export"))
+            runners = build_runners(model, runtime, precisions, folder / f"{i}-{runtime}", sample,
+                                    threads=settings.threads, calibration=calibration)
+            for precision in precisions:
+                target = Target(runtime, precision)
                 top1 = None
                 if data is not None:
-                    step(f"{label}: ORT {precision} accuracy")
-                    top1 = evaluate(session, data, batch_size=settings.eval_batch_size, progress=False).top1
-                ort_row = replace(row, config=f"{row.config} · ORT {precision}", top1=top1,
-                                  tokens_per_layer=list(row.tokens_per_layer),
-                                  extra={**row.extra, "runtime": f"onnxruntime {precision}"})
-                out.append((i, ort_row, session))
-            row.config += " · PyTorch"
-            row.extra["runtime"] = "pytorch"
+                    step(f"{label}: {target.label} accuracy")
+                    top1 = evaluate(runners[precision], data, batch_size=settings.eval_batch_size,
+                                    progress=False).top1
+                other = replace(row, config=f"{row.config} · {target.label}", top1=top1,
+                                tokens_per_layer=list(row.tokens_per_layer),
+                                extra={**row.extra, "runtime": _runtime_label(target)})
+                out.append((i, other, runners[precision]))
+        row.config += " · PyTorch"
+        row.extra["runtime"] = "pytorch"
     _configure(model, "none", {})
     return out
+
+
+def _runtime_label(target: Target) -> str:
+    """``extra["runtime"]`` of a row: "pytorch", "torch.compile", "onnxruntime fp32", "openvino int8", …"""
+    if target.runtime == "torch":
+        return "pytorch"
+    return "torch.compile" if target.runtime == "compile" else f"{target.runtime} {target.precision}"
 
 
 def _speed_batch(example: torch.Tensor, batch_size: int) -> torch.Tensor:

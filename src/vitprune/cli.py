@@ -5,7 +5,7 @@ import os
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 import torch
@@ -102,30 +102,33 @@ def bench(
                               "PPT, ToGo at their papers' level; ~3 min on the testbed) or 'all' (every training-free "
                               "method at 3 levels + PPT policy and ToGo package ablations; ~7 min)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on an evenly strided subset of this many images."),
-    batch_size: int = typer.Option(32, min=1, help="Batch for the throughput measurement."),
-    threads: int = typer.Option(2, min=1, help="CPU threads for the throughput measurement."),
+    batch_size: int = typer.Option(32, min=1, help="Batch for the throughput measurement; 1: latency (p50 and p90 "
+                                   "ms per call, each call timed alone) instead of img/s."),
+    threads: int = typer.Option(2, min=1, help="CPU threads for the throughput measurement (every runtime)."),
     rounds: int = typer.Option(5, min=1, help="Interleaved timing rounds (each times every configuration once)."),
     speed: bool = typer.Option(True, help="Measure throughput."),
     accuracy: bool = typer.Option(True, help="Measure top-1 (needs labelled data)."),
     dtype: DType = typer.Option(DType.fp32, help="Compute dtype."),
     device: str = typer.Option("cpu", callback=check_device, help="cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Folder for bench.csv, bench.json and pareto.png. Default: results/bench/<model>."),
-    runtime: str = typer.Option("pytorch", help="'pytorch', or 'onnxruntime': each configuration also exported to ONNX "
-                                "and run in ONNX Runtime fp32 and dynamic int8 (CPU, --threads), rows in the same "
-                                "table and round-robin timing."),
+    runtime: Optional[list[str]] = typer.Option(
+        None, help="Runtimes besides eager PyTorch (always measured: the reference), repeatable or comma-separated: "
+        "'compile' (torch.compile), 'onnxruntime', 'openvino', 'executorch' (each exported per configuration and "
+        "run in fp32 and int8 on the CPU with --threads; '-fp32'/'-int8' picks one, e.g. openvino-int8). Rows in "
+        "the same table, top-1 per runtime, one round-robin timing."),
     speed_model: str = typer.Option("auto", help="Time the methods on this model instead, in a second table: 'auto' "
                                     f"= {SPEED_MODEL} for the testbed (64 tokens are too few for speed to mean "
                                     "anything), the model itself otherwise; 'none' = time --model itself."),
 ) -> None:
-    """Measure GMACs, img/s (speedup vs unpatched, same run), top-1 and tokens per block for several methods."""
+    """Measure GMACs, img/s or latency (speedup vs unpatched, same run), peak memory, top-1 and tokens per block for
+    several methods, in eager PyTorch and optionally in deployment runtimes."""
     from .bench import BenchSettings, check_runtime, default_specs
+    from .hw.runtimes import CALIBRATION_IMAGES
     from .measure.data import image_transform_for, load_dataset
     from .models import TESTBED_NAMES
 
-    try:
-        check_runtime(runtime, device, DTYPES[dtype])
-    except ValueError as e:
-        raise typer.BadParameter(str(e))
+    runtime_spec = ",".join(runtime or ["torch"])
+    targets = check_runtime(runtime_spec, device, DTYPES[dtype])  # a ValueError is one "error:" line, exit 2
     net = patchable_model(model, checkpoint=checkpoint, pretrained=pretrained)
     testbed = model.lower().removeprefix("hf:") in TESTBED_NAMES
     if data is None and accuracy and testbed:
@@ -141,12 +144,16 @@ def bench(
         speed_model = SPEED_MODEL if testbed and speed else "none"
     timed_here = speed and speed_model == "none"
     settings = BenchSettings(batch_size=batch_size, threads=threads, rounds=rounds,
-                             measure_speed=timed_here, dtype=DTYPES[dtype], device=device, runtime=runtime)
+                             measure_speed=timed_here, dtype=DTYPES[dtype], device=device, runtime=runtime_spec)
+    calibration = None  # int8 calibration: the testbed's train split, not the test images it is scored on
+    if dataset is not None and data == "testbed" and any(t.precision == "int8" for t in targets):
+        calibration = calibration_images(net, "testbed-train", CALIBRATION_IMAGES)
     out = out or Path("results") / "bench" / model.replace("/", "_")
     specs = list(method) if method else default_specs(net.patch_embed.num_patches, suite)
+    speed_what = ("p50/p90 latency per call and speedup" if batch_size == 1 else "img/s and speedup")
     what = ", ".join([f"top-1 on {data}"] * (dataset is not None) + ["MACs from executed ops"]
-                     + ["img/s and speedup against the unpatched model in the same run"] * timed_here)
-    _bench_table(net, model, specs, dataset, settings, out, what, data_label=data)
+                     + [f"{speed_what} against the unpatched model in the same run"] * timed_here)
+    _bench_table(net, model, specs, dataset, settings, out, what, data_label=data, calibration=calibration)
     if speed_model != "none":
         console.print(f"\n[bold]Speed[/] is timed on {speed_model} (random init): at the testbed's 64 tokens, per-block "
                       "overheads hide what token reduction saves. The same method settings relative to the patch "
@@ -154,7 +161,7 @@ def bench(
         fast = patchable_model(speed_model)
         fast_specs = list(method) if method else default_specs(fast.patch_embed.num_patches, suite)
         _bench_table(fast, speed_model, fast_specs, None, replace(settings, measure_speed=True), out / "speed",
-                     "MACs from executed ops, img/s and speedup against the unpatched model in the same run")
+                     f"MACs from executed ops, {speed_what} against the unpatched model in the same run")
 
 
 @app.command()
@@ -228,9 +235,10 @@ def tune(
 
 
 def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, settings, out: Path, what: str,
-                 data_label: str | None = None) -> None:
+                 data_label: str | None = None, calibration: list[torch.Tensor] | None = None) -> None:
     """One ``vitprune bench`` table: run, print (saying what the figures are), save."""
     from .bench import NOISY_IQR, accuracy_at_cost, run_bench, save_outputs
+    from .hw.runtimes import parse_runtimes
     from .measure.report import print_table
 
     if dataset is not None:
@@ -238,7 +246,9 @@ def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, se
     else:
         example = torch.randn(settings.batch_size, net.patch_embed.proj.in_channels, *net.patch_embed.img_size)
     has_data = dataset is not None
-    per_config = 1 + has_data + (settings.runtime == "onnxruntime") * (1 + 2 * has_data)  # MACs, top-1; ORT
+    others = parse_runtimes(settings.runtime)[1:]
+    # MACs, top-1; per other runtime an export (or compile) step, and per runtime and precision a top-1
+    per_config = 1 + has_data + len({t.runtime for t in others}) + has_data * len(others)
     with progress_display(console) as progress:
         task = progress.add_task(f"bench {model}", total=(len(specs) + 1) * per_config + settings.measure_speed)
 
@@ -247,13 +257,18 @@ def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, se
                             description=msg)
 
         result = run_bench(net, model, specs, dataset, settings, example, on_step=on_step,
-                           on_detail=lambda msg: progress.update(task, description=msg))
+                           on_detail=lambda msg: progress.update(task, description=msg), calibration=calibration)
     result.meta.update({"data": str(data_label) if has_data else None,
                         "n_eval": len(dataset) if has_data else None})
     timing = f"batch {settings.batch_size}, {settings.threads} threads, " if settings.measure_speed else ""
     dtype = "bf16" if settings.dtype == torch.bfloat16 else "fp32"
     print_table(result.rows, title=f"vitprune bench — {model} ({timing}{dtype}, {settings.device}): {what}",
-                console=console)
+                console=console, latency=bool(result.meta.get("latency")))
+    if result.meta.get("peak_memory"):
+        console.print(f"peak MiB: {result.meta['peak_memory']}; every runtime's model stays loaded during the "
+                      "round-robin, so compare rows of one run")
+    if result.meta.get("runtime"):
+        console.print(f"runtimes: {result.meta['runtime']}")
     if result.meta.get("noisy_timings"):
         console.print(f"[yellow]timings are noisy (round-to-round spread > {NOISY_IQR:.0%} of the median) for "
                       f"{', '.join(result.meta['noisy_timings'])}: was the machine busy? Re-run with more --rounds "
@@ -620,46 +635,141 @@ def train(
                  label=format_method_spec(name, config))
 
 
+EXPORT_FORMATS = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}
+
+
 @app.command()
 def export(
-    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file: .onnx (onnx), .xml (openvino; weights in .bin "
+                             "beside it) or .pte (executorch)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx (ONNX Runtime), openvino (OpenVINO IR, via "
+                               "ONNX) or executorch (.pte lowered to XNNPACK)."),
     model: str = typer.Option("testbed", help="'testbed' (shared Fashion-MNIST ViT), 'dinov2_vits14' or a timm name."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local .safetensors/.pth weights, loaded strictly."),
     method: str = typer.Option("none", "--method", "-m", help="Method spec with fixed token counts per block, e.g. "
                                "tome:r=13 or 'evit:keep=0.7,blocks=(3,6,9)'; 'none' exports the unpatched model."),
-    int8: bool = typer.Option(False, "--int8", help="Also write <out>.int8.onnx: ONNX Runtime dynamic int8 "
-                              "(MatMul/Gemm weights int8, activations uint8 per batch)."),
-    batch_size: int = typer.Option(2, min=1, help="Images in the example batch (compared PyTorch vs ONNX Runtime)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write the int8 model beside it (<out stem>.int8.<suffix>): "
+                              "onnx: ONNX Runtime dynamic int8 (MatMul/Gemm weights int8, activations uint8 per "
+                              "batch); openvino: NNCF post-training quantization; executorch: PT2E with the XNNPACK "
+                              "quantizer (Linear/Conv). The last two calibrate on --data."),
+    data: Optional[str] = typer.Option(None, help="Calibration images for --int8 with openvino/executorch (.npz, list "
+                                       "file, image folder, 'testbed-train'). Default: the testbed's train split for "
+                                       "the testbed model, random images otherwise (fine for timing, not accuracy)."),
+    calib_images: int = typer.Option(256, min=1, help="Calibration images (evenly strided from --data)."),
+    batch_size: int = typer.Option(2, min=1, help="Images in the example batch (compared runtime vs PyTorch)."),
     dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Symbolic batch axis, or fixed "
-                                       "to --batch-size."),
-    opset: int = typer.Option(18, help="ONNX opset (>= 17)."),
-    threads: int = typer.Option(2, min=1, help="ONNX Runtime threads for the check."),
+                                       "to --batch-size (executorch: batches up to max(--batch-size, 64))."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 17; onnx format)."),
+    threads: int = typer.Option(2, min=1, help="Runtime threads for the check."),
 ) -> None:
-    """Export a model (patched with a fixed-count method, or not) to ONNX; check it and compare ORT with PyTorch."""
+    """Export a model (patched with a fixed-count method, or not) to ONNX, OpenVINO or ExecuTorch; check it and
+    compare the runtime's outputs with PyTorch's."""
     from . import patching
-    from .hw.onnx_export import (OrtModule, example_input, export_onnx, file_size, max_abs_diff, onnx_opset,
-                                 ort_session, quantize_dynamic_int8)
+    from .hw.onnx_export import check_exportable, example_input, file_size, max_abs_diff
+    from .hw.openvino_export import file_size as ov_file_size
     from .specs import parse_method_spec
 
+    suffix = EXPORT_FORMATS.get(format)
+    if suffix is None:
+        raise ValueError(f"unknown --format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if out.suffix != suffix:
+        raise ValueError(f"--format {format} writes a {suffix} file; got --out {out} (use e.g. {out.with_suffix(suffix)})")
     name, config = parse_method_spec(method)
     net = patchable_model(model, checkpoint=checkpoint)
     if name != "none":
         patching.patch(net, name, **config)
+    check_exportable(net)  # before the progress display: a refusal is the only line
     x = example_input(net, batch_size)
+    int8_path = out.with_name(out.stem + ".int8" + suffix)
+    calibration = _export_calibration(net, model, data, calib_images) if int8 and format != "onnx" else None
     with progress_display(console) as progress:
-        task = progress.add_task(f"exporting {model} to ONNX (opset {opset})", total=2 + 2 * int8)
+        task = progress.add_task(f"exporting {model} to {format}", total=2 + 2 * int8)
+        files = _export_files(net, format, out, int8_path if int8 else None, x, dynamic_batch, opset, calibration,
+                              lambda msg: progress.update(task, advance=1, description=msg), progress.console.print)
+        for precision, file in files:
+            progress.update(task, advance=1, description=f"{precision}: comparing {format} with PyTorch")
+            diff = max_abs_diff(net, _export_runner(format, file, threads), x)
+            size = ov_file_size(file) if format == "openvino" else file_size(file)
+            progress.console.print(f"{precision}: {file}  {size / 2**20:.1f} MiB  PyTorch vs "
+                                   f"{RUNTIME_TITLES[format]} max |diff| {diff:.2e} on {x.shape[0]} images")
+
+
+RUNTIME_TITLES = {"onnx": "ONNX Runtime", "openvino": "OpenVINO", "executorch": "ExecuTorch"}
+
+
+def _export_calibration(net: torch.nn.Module, model: str, data: Optional[str], images: int) -> list[torch.Tensor]:
+    """Calibration batches for OpenVINO/ExecuTorch int8: --data, the testbed's train split, or random images."""
+    from .hw.onnx_export import example_input
+    from .models import TESTBED_NAMES
+
+    if data is None and model.lower().removeprefix("hf:") in TESTBED_NAMES:
+        data = "testbed-train"
+    if data is None:
+        console.print("[yellow]no --data: int8 calibrates on random images (fine for timing; for accuracy give "
+                      "--data with images like the ones it will see)[/]")
+        return list(example_input(net, images).split(32))
+    return calibration_images(net, data, images)
+
+
+def calibration_images(net: torch.nn.Module, data: str, images: int, batch: int = 32) -> list[torch.Tensor]:
+    """``images`` images (evenly strided) of ``data`` ('testbed-train': the testbed's train split, or anything
+    ``load_dataset`` opens), preprocessed for ``net``, in batches: int8 calibration."""
+    from .measure.data import image_transform_for, load_dataset
+
+    if data == "testbed-train":
+        from .assets import testbed_paths
+
+        data = str(testbed_paths().train)
+    dataset = load_dataset(data, transform=image_transform_for(net), limit=images)
+    if len(dataset) == 0:
+        raise ValueError(f"calibration data {data} is empty")
+    return list(torch.stack([dataset[i][0] for i in range(len(dataset))]).split(batch))
+
+
+def _export_files(net: torch.nn.Module, format: str, out: Path, int8_path: Optional[Path], x: torch.Tensor,
+                  dynamic_batch: bool, opset: int, calibration: Optional[list[torch.Tensor]],
+                  advance: Callable[[str], None], say: Callable[[str], None]) -> list[tuple[str, Path]]:
+    """Write the fp32 (and, given ``int8_path``, the int8) file of ``format``: [(precision, path)]."""
+    if format == "onnx":
+        from .hw.onnx_export import export_onnx, onnx_opset, quantize_dynamic_int8
+
         path = export_onnx(net, out, sample=x, opset=opset, dynamic_batch=dynamic_batch)
-        batch = "dynamic" if dynamic_batch else batch_size
-        progress.console.print(f"onnx.checker: passed (opset {onnx_opset(path)}, batch {batch})")
-        targets = [("fp32", path)] + ([("int8", path.with_name(path.stem + ".int8.onnx"))] if int8 else [])
-        for precision, file in targets:
-            if precision == "int8":
-                progress.update(task, advance=1, description=f"int8: quantizing {file.name}")
-                quantize_dynamic_int8(path, file)
-            progress.update(task, advance=1, description=f"{precision}: comparing ONNX Runtime with PyTorch")
-            diff = max_abs_diff(net, OrtModule(ort_session(file, threads)), x)
-            progress.console.print(f"{precision}: {file}  {file_size(file) / 2**20:.1f} MiB  PyTorch vs ONNX Runtime "
-                                   f"max |diff| {diff:.2e} on {x.shape[0]} images")
+        say(f"onnx.checker: passed (opset {onnx_opset(path)}, batch {'dynamic' if dynamic_batch else x.shape[0]})")
+        quantize = quantize_dynamic_int8
+    elif format == "openvino":
+        from .hw.openvino_export import export_openvino, quantize_int8
+
+        path = export_openvino(net, out, sample=x, dynamic_batch=dynamic_batch)
+
+        def quantize(src: Path, dst: Path) -> Path:
+            return quantize_int8(src, dst, calibration)
+    else:
+        from .hw.executorch_export import export_executorch
+
+        path = export_executorch(net, out, sample=x, dynamic_batch=dynamic_batch)
+
+        def quantize(src: Path, dst: Path) -> Path:  # PT2E quantizes the PyTorch model, not the fp32 file
+            return export_executorch(net, dst, sample=x, dynamic_batch=dynamic_batch, calibration=calibration)
+    files = [("fp32", path)]
+    if int8_path is not None:
+        advance(f"int8: quantizing {int8_path.name}")
+        files.append(("int8", quantize(path, int8_path)))
+    return files
+
+
+def _export_runner(format: str, path: Path, threads: int) -> torch.nn.Module:
+    """The runtime of ``format`` running ``path`` on ``threads`` threads, called like a model."""
+    if format == "onnx":
+        from .hw.onnx_export import OrtModule, ort_session
+
+        return OrtModule(ort_session(path, threads))
+    if format == "openvino":
+        from .hw.openvino_export import OpenVINOModule, ov_compiled
+
+        return OpenVINOModule(ov_compiled(path, threads))
+    from .hw.executorch_export import ExecuTorchModule
+
+    return ExecuTorchModule(path, threads)
 
 
 @app.command()

@@ -105,12 +105,7 @@ def export_onnx(
     _require("onnxscript")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}")
-    check_exportable(model)
-    x = example_input(model, batch_size) if sample is None else sample
-    if x.dim() != 4 or x.shape[0] < 1:
-        raise ValueError(f"sample must be a non-empty [B, C, H, W] batch of images, got shape {tuple(x.shape)}")
-    if dynamic_batch and x.shape[0] == 1:  # torch.export fixes an axis of size 1; two images keep it symbolic
-        x = x.expand(2, *x.shape[1:]).contiguous()
+    x = traced_batch(export_sample(model, sample, batch_size), dynamic_batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -125,6 +120,22 @@ def export_onnx(
         )
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def export_sample(model: nn.Module, sample: Tensor | None, batch_size: int) -> Tensor:
+    """The images an exporter traces ``model`` with: ``sample``, or ``batch_size`` random ones of the model's size.
+    Refuses models whose token counts depend on the data, and anything but a non-empty [B, C, H, W] batch."""
+    check_exportable(model)
+    x = example_input(model, batch_size) if sample is None else sample
+    if x.dim() != 4 or x.shape[0] < 1:
+        raise ValueError(f"sample must be a non-empty [B, C, H, W] batch of images, got shape {tuple(x.shape)}")
+    return x
+
+
+def traced_batch(x: Tensor, dynamic_batch: bool) -> Tensor:
+    """``x`` as torch.export should see it: it fixes an axis of size 1, so one image becomes two when the batch
+    axis is to stay symbolic."""
+    return x.expand(2, *x.shape[1:]).contiguous() if dynamic_batch and x.shape[0] == 1 else x
 
 
 @contextlib.contextmanager

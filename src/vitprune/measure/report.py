@@ -140,21 +140,36 @@ def _ordered(rows: list[BenchRow]) -> list[BenchRow]:
 # ----------------------------------------------------------------------------------------------
 # table
 # ----------------------------------------------------------------------------------------------
-def print_table(rows: list[BenchRow], *, title: str | None = None, console: "Console | None" = None) -> None:
-    """Print ``rows`` as a rich table (unpatched rows first within each model; models separated)."""
+def print_table(rows: list[BenchRow], *, title: str | None = None, console: "Console | None" = None,
+                latency: bool | None = None) -> None:
+    """Print ``rows`` as a rich table (unpatched rows first within each model; models separated).
+
+    ``latency``: p50 and p90 latency per call (ms) instead of img/s, for batch-1 timings (default: when every timed
+    row has ``extra["latency_p90_ms"]``). A peak-memory column appears when some row has ``extra["peak_mib"]``.
+    """
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console(width=None if Console().is_terminal else 160)  # logs and CI get full tables
+    timed = [r for r in rows if not _is_missing(r.img_per_s)]
+    if latency is None:
+        latency = bool(timed) and all("latency_p90_ms" in r.extra for r in timed)
+    memory = any(not _is_missing(r.extra.get("peak_mib")) for r in rows)
     table = Table(title=title, header_style="bold")
     table.add_column("model", overflow="fold")
     table.add_column("method")
     table.add_column("config", overflow="fold")
     table.add_column("GMACs", justify="right")
     table.add_column("MACs ratio", justify="right")
-    table.add_column("img/s", justify="right")
+    if latency:
+        table.add_column("p50 ms", justify="right")
+        table.add_column("p90 ms", justify="right")
+    else:
+        table.add_column("img/s", justify="right")
     table.add_column("speedup", justify="right")
+    if memory:
+        table.add_column("peak MiB", justify="right")
     table.add_column("top-1 (%)", justify="right")
     table.add_column("Δtop-1 (pt)", justify="right")
     table.add_column("tokens per layer", overflow="fold")
@@ -167,14 +182,17 @@ def print_table(rows: list[BenchRow], *, title: str | None = None, console: "Con
         spd = _fmt(r.speedup, ".2f", "×")
         spd_style = "green" if not _is_missing(r.speedup) and r.speedup >= 1.0 else None
         dtxt, dstyle = _fmt_delta_pt(r.top1_delta)
+        speed = ([_fmt(r.extra.get("latency_p50_ms"), ".2f"), _fmt(r.extra.get("latency_p90_ms"), ".2f")]
+                 if latency else [_fmt(r.img_per_s, ".1f")])
         table.add_row(
             r.model,
             r.method,
             r.config,
             _fmt(r.gmacs, ".2f"),
             _fmt(r.macs_ratio, ".2f", "×"),
-            _fmt(r.img_per_s, ".1f"),
+            *speed,
             Text(spd, style=spd_style or ""),
+            *([_fmt(r.extra.get("peak_mib"), ".0f")] if memory else []),
             _fmt(None if _is_missing(r.top1) else r.top1 * 100.0, ".2f"),
             Text(dtxt, style=dstyle or ""),
             compact_tokens(r.tokens_per_layer),

@@ -514,8 +514,8 @@ def profile_lut(
                     done += 1
                 return setup
 
-            times, _numbers = round_robin([(tick(what), fn) for what, fn in jobs], threads=threads, rounds=rounds,
-                                          min_round_time=min_round_time, warmup=warmup)
+            times = round_robin([(tick(what), fn) for what, fn in jobs], threads=threads, rounds=rounds,
+                                min_round_time=min_round_time, warmup=warmup).times
             if progress is not None:
                 progress(total, total, "done")
     finally:
