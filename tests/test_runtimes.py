@@ -62,27 +62,21 @@ def configured():
 
 
 @pytest.fixture(scope="module")
-def openvino_file(configured, tmp_path_factory):
-    """Each configuration's fp32 IR, exported once per module."""
-    from vitprune.hw.openvino_export import export_openvino
+def exported_file(configured, tmp_path_factory):
+    """Each configuration's fp32 file, exported once per module: ``.xml`` OpenVINO IR or ``.pte`` ExecuTorch program
+    (batches up to 8)."""
 
     @functools.cache
-    def get(name: str):
+    def get(name: str, suffix: str):
         model, x = configured(name)
-        return export_openvino(model, tmp_path_factory.mktemp(name) / "m.xml", sample=x)
+        path = tmp_path_factory.mktemp(name) / f"m{suffix}"
+        if suffix == ".xml":
+            from vitprune.hw.openvino_export import export_openvino
 
-    return get
+            return export_openvino(model, path, sample=x)
+        from vitprune.hw.executorch_export import export_executorch
 
-
-@pytest.fixture(scope="module")
-def executorch_file(configured, tmp_path_factory):
-    """Each configuration's fp32 program (batches up to 8), exported once per module."""
-    from vitprune.hw.executorch_export import export_executorch
-
-    @functools.cache
-    def get(name: str):
-        model, x = configured(name)
-        return export_executorch(model, tmp_path_factory.mktemp(name) / "m.pte", sample=x, max_batch=8)
+        return export_executorch(model, path, sample=x, max_batch=8)
 
     return get
 
@@ -105,25 +99,25 @@ def assert_close_int8(model, runner, x: torch.Tensor) -> None:
 
 # ---- OpenVINO ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
-def test_openvino_matches_pytorch(configured, openvino_file, name):
+def test_openvino_matches_pytorch(configured, exported_file, name):
     need("openvino", "onnx", "onnxscript")
     from vitprune.hw.openvino_export import OpenVINOModule, ov_compiled
     from vitprune.hw.onnx_export import max_abs_diff
 
     model, x = configured(name)
-    path = openvino_file(name)
+    path = exported_file(name, ".xml")
     assert path.exists() and path.with_suffix(".bin").exists()
     runner = OpenVINOModule(ov_compiled(path, threads=1))
     assert max_abs_diff(model, runner, x) < TOL
     assert max_abs_diff(model, runner, torch.randn(7, 3, 32, 32)) < TOL  # the batch axis is dynamic
 
 
-def test_openvino_int8(configured, openvino_file, tmp_path):
+def test_openvino_int8(configured, exported_file, tmp_path):
     need("openvino", "nncf", "onnx", "onnxscript")
     from vitprune.hw.openvino_export import OpenVINOModule, ov_compiled, quantize_int8
 
     model, _ = configured("tome")
-    fp32 = openvino_file("tome")
+    fp32 = exported_file("tome", ".xml")
     int8 = quantize_int8(fp32, tmp_path / "m.int8.xml", calibration())
     assert int8.with_suffix(".bin").stat().st_size < 0.6 * fp32.with_suffix(".bin").stat().st_size
     assert "FakeQuantize" in int8.read_text()  # NNCF's quantize/dequantize pairs around the matmuls
@@ -136,13 +130,13 @@ def test_openvino_int8(configured, openvino_file, tmp_path):
 
 # ---- ExecuTorch -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
-def test_executorch_matches_pytorch(configured, executorch_file, name):
+def test_executorch_matches_pytorch(configured, exported_file, name):
     need("executorch")
     from vitprune.hw.executorch_export import ExecuTorchModule
     from vitprune.hw.onnx_export import max_abs_diff
 
     model, x = configured(name)
-    runner = ExecuTorchModule(executorch_file(name), threads=1)
+    runner = ExecuTorchModule(exported_file(name, ".pte"), threads=1)
     assert runner.max_batch == 8
     assert max_abs_diff(model, runner, x) < TOL
     assert max_abs_diff(model, runner, torch.randn(11, 3, 32, 32)) < TOL  # 3 images, and 8 + 3: chunks of <= 8
@@ -178,7 +172,7 @@ def test_executorch_rewrites_are_exact():
         assert torch.equal(a, b)
 
 
-def test_executorch_threads(configured, executorch_file):
+def test_executorch_threads(configured, exported_file):
     """The runner sizes the process's threadpool; once programs ran, another size is refused (resizing is unsafe)."""
     need("executorch")
     from executorch.extension.pybindings import portable_lib
@@ -186,7 +180,7 @@ def test_executorch_threads(configured, executorch_file):
     from vitprune.hw.executorch_export import ExecuTorchModule, set_threads
 
     _, x = configured("evit")
-    path = executorch_file("evit")
+    path = exported_file("evit", ".pte")
     ExecuTorchModule(path, threads=1)(x[:2])
     assert portable_lib._threadpool_get_thread_count() == 1
     with pytest.raises(ValueError, match="one per process"):
