@@ -115,7 +115,7 @@ def structure(info: ModelInfo) -> tuple[tuple[int, int, int], ...]:
 # (keep, blocks) used when neither is given, for models recognised by their structure. Swin-T/S: SPViT's Swin budgets
 # (4.50 → 3.47 and 8.70 → 6.35 GMACs); selectors at three blocks of the long third stage and at the last block, keep
 # (ρ, ρ², ρ³, ρ) with ρ the largest that fits the budget in MACs counted from the executed ops (Swin-T 3.469,
-# Swin-S 6.340 GMACs at 224; `benchmarks/speed_swin.py --find` re-derives them, tests/test_swin.py checks them).
+# Swin-S 6.331 GMACs at 224; `benchmarks/speed_swin.py --find` re-derives them, tests/test_swin.py checks them).
 STRUCTURE_DEFAULTS: dict[tuple[tuple[int, int, int], ...], tuple[tuple[float, ...], tuple[int, ...]]] = {
     ((2, 96, 3), (2, 192, 6), (6, 384, 12), (2, 768, 24)): ((0.635, 0.403, 0.256, 0.635), (5, 7, 9, 11)),
     ((2, 96, 3), (2, 192, 6), (18, 384, 12), (2, 768, 24)): ((0.701, 0.491, 0.344, 0.701), (8, 13, 17, 23)),
