@@ -32,6 +32,25 @@ def assert_padded_batch_equals_images_one_by_one(model, x: torch.Tensor, layer: 
     torch.testing.assert_close(batch, single, atol=1e-4, rtol=0)
 
 
+def assert_unpatch_is_exact(model, x: torch.Tensor, method: str, **config) -> None:
+    """Patch, run, unpatch: the same class, the same state dict bit for bit, and the same output as before."""
+    import vitprune
+
+    cls = type(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x)
+    vitprune.patch(model, method, **config)
+    with torch.no_grad():
+        model(x)
+    vitprune.unpatch(model)
+    assert type(model) is cls and not hasattr(model, "_vitprune")
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
 def make_vit(name: str = "deit_tiny_patch16_224", **kwargs):
     """A random-init timm model in eval mode (no hub access needed)."""
     import timm

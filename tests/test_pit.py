@@ -11,7 +11,7 @@ from vitprune.measure.flops import count_macs
 from vitprune.methods.selector import selector_macs
 from vitprune.tokens import PACKAGE_INDEX, TokenState
 
-from conftest import assert_padded_batch_equals_images_one_by_one, make_vit
+from conftest import assert_padded_batch_equals_images_one_by_one, assert_unpatch_is_exact, make_vit
 
 SCHEDULE = dict(keep=(0.7, 0.7, 0.5, 0.7), blocks=(1, 3, 6, 9))  # stage 0: 1; stage 1: 3, 6; stage 2: 9
 
@@ -125,21 +125,7 @@ def test_adaptive_padding_equals_images_run_one_by_one():
 
 
 def test_unpatch_is_exact():
-    model = pit()
-    cls = type(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        ref = model(x)
-    vitprune.patch(model, "spvit", **SCHEDULE)
-    with torch.no_grad():
-        model(x)
-    vitprune.unpatch(model)
-    assert type(model) is cls and not hasattr(model, "_vitprune")
-    assert set(model.state_dict()) == set(before)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with torch.no_grad():
-        assert torch.equal(model(x), ref)
+    assert_unpatch_is_exact(pit(), torch.randn(1, 3, 224, 224), "spvit", **SCHEDULE)
 
 
 def test_keep_may_rise_again_after_a_pooling_layer_but_not_within_a_stage():

@@ -16,7 +16,7 @@ from vitprune.methods.base import TokenReducer
 from vitprune.methods.selector import selector_macs
 from vitprune.tokens import TokenState, gather_tokens
 
-from conftest import assert_padded_batch_equals_images_one_by_one, make_vit
+from conftest import assert_padded_batch_equals_images_one_by_one, assert_unpatch_is_exact, make_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,21 +178,7 @@ def test_fixed_batch_equals_images_one_by_one_and_pickles():
 
 
 def test_unpatch_is_exact():
-    model = swin()
-    cls = type(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(1, 3, 112, 112)
-    with torch.no_grad():
-        ref = model(x)
-    vitprune.patch(model, "spvit", **SCHEDULE)
-    with torch.no_grad():
-        model(x)
-    vitprune.unpatch(model)
-    assert type(model) is cls and not hasattr(model, "_vitprune")
-    assert set(model.state_dict()) == set(before)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with torch.no_grad():
-        assert torch.equal(model(x), ref)
+    assert_unpatch_is_exact(swin(), torch.randn(1, 3, 112, 112), "spvit", **SCHEDULE)
 
 
 def test_macs_counted_from_executed_ops_drop_as_planned():
