@@ -16,21 +16,22 @@ import ctypes
 import gc
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import vitprune
 from vitprune.hw.runtimes import build_runners, parse_runtimes
-from vitprune.measure.memory import MIB, _status_kib
+from vitprune.measure import memory
 from vitprune.models import create_model
 from vitprune.specs import parse_method_spec
 
 
 def resident_mib() -> float:
-    kib = _status_kib("VmRSS")
-    if kib is None:
+    mib = memory.resident_mib()
+    if mib is None:
         raise SystemExit("runtime_memory.py reads /proc/self/status: run it on Linux")
-    return kib * 1024 / MIB
+    return mib
 
 
 def trimmed_mib() -> float:
@@ -59,20 +60,21 @@ def main() -> None:
     runners = []  # kept alive, as the bench keeps them
     before = trimmed_mib()
     print(f"{args.model} · {args.method}, batch {args.batch_size}: {before:.0f} MiB resident before any runtime")
-    for runtime in args.runtimes:
-        start, held = time.perf_counter(), trimmed_mib()
-        built = build_runners(model, runtime, ["fp32", "int8"], tempfile.mkdtemp(), sample, threads=args.threads,
-                              calibration=[sample[:8]])
-        after_build, trimmed = resident_mib(), trimmed_mib()
-        with torch.inference_mode():
-            for runner in built.values():
-                runner(sample)
-        after_call = trimmed_mib()
-        runners.append(built)
-        print(f"{runtime:12s} fp32+int8: +{after_build - held:.0f} MiB built ({trimmed - held:+.0f} after trim), "
-              f"+{after_call - held:.0f} MiB held after one batch-{args.batch_size} call "
-              f"({time.perf_counter() - start:.0f} s)")
-    print(f"all runtimes: +{trimmed_mib() - before:.0f} MiB for this one configuration")
+    with tempfile.TemporaryDirectory(prefix="runtime-memory-") as tmp:  # the exported files (~100 MB per runtime)
+        for runtime in args.runtimes:
+            start, held = time.perf_counter(), trimmed_mib()
+            built = build_runners(model, runtime, ["fp32", "int8"], Path(tmp) / runtime, sample,
+                                  threads=args.threads, calibration=[sample[:8]])
+            after_build, trimmed = resident_mib(), trimmed_mib()
+            with torch.inference_mode():
+                for runner in built.values():
+                    runner(sample)
+            after_call = trimmed_mib()
+            runners.append(built)
+            print(f"{runtime:12s} fp32+int8: +{after_build - held:.0f} MiB built ({trimmed - held:+.0f} after trim), "
+                  f"+{after_call - held:.0f} MiB held after one batch-{args.batch_size} call "
+                  f"({time.perf_counter() - start:.0f} s)")
+        print(f"all runtimes: +{trimmed_mib() - before:.0f} MiB for this one configuration")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def resident_mib() -> float | None:
+    """The process's resident set now (``VmRSS``) in MiB, or None where there is no /proc/self/status."""
+    kib = _status_kib("VmRSS")
+    return kib / 1024 if kib is not None else None
+
+
 def _rusage_peak_mib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
