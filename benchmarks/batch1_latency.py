@@ -1,6 +1,7 @@
 """Batch-1 latency of the fixed-count methods against their MACs ratio, eager and under torch.compile, in one run.
 
     .venv/bin/python benchmarks/batch1_latency.py [--threads 2] [--rounds 7] [--no-compile] [--method tome:r=13 ...]
+        [--peer tome=PATH/TO/ToMe --peer ppt=PATH/TO/PPT]
 
 Random-init deit_small_patch16_224 (latency does not depend on the weights for fixed-count methods), batch 1, fp32,
 CPU. For every method it prints the MACs ratio (counted from the executed ops), the p50 latency speedup of the eager
@@ -19,6 +20,10 @@ Two control rows tell where a gap comes from:
 * ``bound`` (one per method): the unpatched blocks run on the method's token counts with reduction made free (the
   tokens are sliced, no scores, no sort, no gather, no size bias). No implementation of the method can beat it, so
   ``bound / MACs ratio`` is what the cost of the blocks themselves allows at this batch size on this machine.
+
+``--peer``: the official ToMe and PPT code (clones of their repos, see ``official_peers.py``) as rows of the same
+run, eager and ``torch.compile`` (without ``fullgraph``: their Python-list bookkeeping breaks the graph; a peer that
+does not compile says why and is timed eager only).
 
 All configurations (eager and compiled) are timed round-robin with ``vitprune.measure.speed.round_robin``, so drift of
 a shared machine hits them alike; on a busy machine use the relative numbers only.
@@ -40,6 +45,8 @@ from vitprune.models import create_model
 from vitprune.methods.base import TokenReducer, Trace
 from vitprune.specs import parse_method_spec
 from vitprune.tokens import TokenState
+
+from official_peers import load_peers
 
 DEFAULT_METHODS = ["tome:r=13", "evit:keep=0.7", "ppt:r=50", "togo:keep=0.69"]
 FLOOR = 0.95  # the issue's target: latency speedup ≥ 0.95 × MACs ratio
@@ -67,12 +74,13 @@ class Config:
     label: str
     model: nn.Module
     macs: float  # per image
-    kind: str  # "unpatched", "method", "engine", "bound"
+    kind: str  # "unpatched", "method", "engine", "bound", "peer"
     compiled: Callable | None = None
+    compile_error: str | None = None
 
 
-def build_configs(base: nn.Module, specs: list[str], x: torch.Tensor) -> list[Config]:
-    """Unpatched, the engine alone, and per method: the patched model and its free-reduction bound."""
+def build_configs(base: nn.Module, specs: list[str], x: torch.Tensor, peers: list[str]) -> list[Config]:
+    """Unpatched, the engine alone, per method: the patched model and its free-reduction bound; the official peers."""
     configs = [Config("unpatched", base, vitprune.count_macs(base, x).macs, "unpatched")]
     for spec in ["tome:r=0", *specs]:
         model = copy.deepcopy(base)
@@ -87,6 +95,9 @@ def build_configs(base: nn.Module, specs: list[str], x: torch.Tensor) -> list[Co
         counts = vitprune.last_trace(model).tokens_mlp
         bound = vitprune.patch(copy.deepcopy(base), FreeReduction(counts))
         configs.append(Config(f"  bound for {spec}", bound, vitprune.count_macs(bound, x).macs, "bound"))
+    for peer in load_peers(peers, base, x):
+        model = peer.patch(base)
+        configs.append(Config(peer.label, model, vitprune.count_macs(model, x).macs, "peer"))
     return configs
 
 
@@ -99,9 +110,17 @@ def compile_all(configs: list[Config], x: torch.Tensor, freezing: bool, say: Cal
     with torch.inference_mode(), torch._inductor.config.patch(freezing=freezing):
         for i, c in enumerate(configs):
             say(f"compiling {i + 1}/{len(configs)}: {c.label.strip()}")
-            c.compiled = torch.compile(c.model, fullgraph=True)
-            for _ in range(2):
-                c.compiled(x)
+            compiled = torch.compile(c.model, fullgraph=c.kind != "peer")
+            try:
+                for _ in range(2):
+                    compiled(x)
+            except Exception as e:  # only a peer may fail: ours must compile, so let it raise
+                if c.kind != "peer":
+                    raise
+                c.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                say(f"  {c.label} does not compile ({c.compile_error}); timed eager only")
+                continue
+            c.compiled = compiled
 
 
 def time_all(configs: list[Config], x: torch.Tensor, args: argparse.Namespace, say: Callable[[str], None]
@@ -111,14 +130,16 @@ def time_all(configs: list[Config], x: torch.Tensor, args: argparse.Namespace, s
         return lambda: f(x)
 
     fns = [call(c.model) for c in configs]
-    if not args.no_compile:
-        fns += [call(c.compiled) for c in configs]
+    compiled_at = [i for i, c in enumerate(configs) if c.compiled is not None]
+    fns += [call(configs[i].compiled) for i in compiled_at]
     with torch.inference_mode():
         times = round_robin([(lambda: None, f) for f in fns], threads=args.threads, rounds=args.rounds,
                             min_round_time=args.min_round_time, warmup=3, on_round=say).times
     medians = [statistics.median(t) for t in times]
     eager = medians[:len(configs)]
-    compiled = medians[len(configs):] if not args.no_compile else [None] * len(configs)
+    compiled: list[float | None] = [None] * len(configs)
+    for i, t in zip(compiled_at, medians[len(configs):]):
+        compiled[i] = t
     return eager, compiled
 
 
@@ -133,14 +154,16 @@ def report(configs: list[Config], eager: list[float], compiled: list[float | Non
     for c, te, tc in zip(configs, eager, compiled):
         ratio = base_macs / c.macs
         se = base_eager / te
-        sc = None if tc is None else base_comp / tc
+        sc = None if tc is None or base_comp is None else base_comp / tc
         best = max(se, sc or 0.0)
         check = ""
         if c.kind == "method":
             passed = best >= FLOOR * ratio
             ok &= passed
             check = f"best {best / ratio:.2f} of MACs ratio: " + ("ok" if passed else f"below {FLOOR}")
-        comp = "" if tc is None else f"{tc * 1e3:8.2f} {sc:6.2f} {sc / ratio:6.2f}"
+        comp = f"{'–':>8} {'–':>6} {'–':>6}" if sc is None else f"{tc * 1e3:8.2f} {sc:6.2f} {sc / ratio:6.2f}"
+        if c.compile_error:
+            check = f"does not compile: {c.compile_error}"
         print(f"{c.label:<30} {c.macs / 1e9:6.2f} {ratio:6.2f} {te * 1e3:9.2f} {se:7.2f} {se / ratio:6.2f} "
               f"{comp}  {check}")
     return ok
@@ -155,6 +178,9 @@ def main() -> None:
     ap.add_argument("--method", action="append", default=None, help="method spec; repeat (default: the four)")
     ap.add_argument("--no-compile", action="store_true", help="eager only (compiling takes minutes on a CPU)")
     ap.add_argument("--no-freezing", action="store_true", help="plain torch.compile (weights not frozen/pre-packed)")
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=DIR",
+                    help="also time the official code from a clone: tome=DIR (facebookresearch/ToMe), "
+                         "ppt=DIR (xjwu1024/PPT)")
     args = ap.parse_args()
 
     def say(message: str) -> None:
@@ -163,7 +189,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = create_model(args.model)
     x = torch.randn(1, 3, *base.patch_embed.img_size)
-    configs = build_configs(base, args.method or DEFAULT_METHODS, x)
+    configs = build_configs(base, args.method or DEFAULT_METHODS, x, args.peer)
     if not args.no_compile:
         compile_all(configs, x, not args.no_freezing, say)
     eager, compiled = time_all(configs, x, args, say)

@@ -302,6 +302,25 @@ def test_bench_compile_failure_is_one_clear_error(monkeypatch):
         run_bench(tiny_vit(), "tiny", ["tome:r=2"], None, settings, torch.randn(2, 3, 32, 32))
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="weight pre-packing needs a oneDNN build of torch")
+def test_bench_compile_runtime_freezes_the_weights_and_gives_eager_accuracy():
+    """``--runtime compile`` times the fastest compiled path: Inductor's freezing pre-packs every linear weight (its
+    counter says so), for the accuracy pass's other batch shapes too, and freezing is off again afterwards."""
+    from torch._dynamo.utils import counters
+
+    from vitprune.bench import BenchSettings, run_bench
+
+    torch.manual_seed(0)
+    model, x = tiny_vit(), torch.randn(5, 3, 32, 32)
+    counters.clear()
+    settings = BenchSettings(batch_size=2, threads=1, rounds=1, runtime="compile", eval_batch_size=2)
+    result = run_bench(model, "tiny", ["tome:r=2"], [(x, torch.arange(5) % 10)], settings, x[:2])
+    rows = {r.extra["runtime"]: r for r in result.rows if r.extra.get("spec") == "tome:r=2"}
+    assert rows["torch.compile"].top1 == rows["pytorch"].top1
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] >= 3 * 4  # qkv, proj, fc1, fc2 per block
+    assert torch._inductor.config.freezing is False
+
+
 def test_cli_bench_batch1_latency_and_memory(tiny_cli, tmp_path):
     out = tmp_path / "bench"
     result = tiny_cli.invoke(app, ["bench", "--model", "tiny", "--batch-size", "1", "--rounds", "2", "--threads", "1",

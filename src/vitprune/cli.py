@@ -113,9 +113,9 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="Folder for bench.csv, bench.json and pareto.png. Default: results/bench/<model>."),
     runtime: Optional[list[str]] = typer.Option(
         None, help="Runtimes besides eager PyTorch (always measured: the reference), repeatable or comma-separated: "
-        "'compile' (torch.compile), 'onnxruntime', 'openvino', 'executorch' (each exported per configuration and "
-        "run in fp32 and int8 on the CPU with --threads; '-fp32'/'-int8' picks one, e.g. openvino-int8). Rows in "
-        "the same table, top-1 per runtime, one round-robin timing."),
+        "'compile' (torch.compile, weights frozen), 'onnxruntime', 'openvino', 'executorch' (each exported per "
+        "configuration and run in fp32 and int8 on the CPU with --threads; '-fp32'/'-int8' picks one, e.g. "
+        "openvino-int8). Rows in the same table, top-1 per runtime, one round-robin timing."),
     speed_model: str = typer.Option("auto", help="Time the methods on this model instead, in a second table: 'auto' "
                                     f"= {SPEED_MODEL} for the testbed (64 tokens are too few for speed to mean "
                                     "anything), the model itself otherwise; 'none' = time --model itself."),
