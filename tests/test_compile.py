@@ -62,6 +62,16 @@ def test_fullgraph_capture_equals_eager_without_recompiles(method, cfg):
         torch.testing.assert_close(out2, model(x2), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method,cfg", METHODS, ids=[m for m, _ in METHODS])
+def test_first_forward_compiles_to_one_graph(method, cfg):
+    """No eager call first (as `vitprune bench --runtime compile` compiles a fresh copy): whatever a method plans
+    lazily must already be planned, or its first trace breaks the graph (ToGo's group layout did)."""
+    torch._dynamo.reset()
+    model = vitprune.patch(make_vit("deit_tiny_patch16_224", img_size=112), method, **cfg)
+    with torch.inference_mode():
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randn(2, 3, 112, 112))
+
+
 def ppt_with_mixed_batch(model, x):
     """PPT at one block with the threshold between the images' statistics: one image pools, the other prunes."""
     vitprune.patch(model, "ppt", r=4, blocks=(1,))

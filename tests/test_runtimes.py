@@ -303,22 +303,34 @@ def test_bench_compile_failure_is_one_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="weight pre-packing needs a oneDNN build of torch")
-def test_bench_compile_runtime_freezes_the_weights_and_gives_eager_accuracy():
+def test_bench_compile_runtime_freezes_the_weights_and_reports_graph_breaks(monkeypatch):
     """``--runtime compile`` times the fastest compiled path: Inductor's freezing pre-packs every linear weight (its
-    counter says so), for the accuracy pass's other batch shapes too, and freezing is off again afterwards."""
+    counter says so), for the accuracy pass's other batch shapes too, and freezing is off again afterwards. A
+    configuration whose graph breaks is named (its row times a partly compiled model), the others are not."""
     from torch._dynamo.utils import counters
 
     from vitprune.bench import BenchSettings, run_bench
+    from vitprune.methods.evit import EViT
 
+    reduce = EViT.reduce
+
+    def breaking_reduce(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return reduce(self, *args, **kwargs)
+
+    monkeypatch.setattr(EViT, "reduce", breaking_reduce)
     torch.manual_seed(0)
     model, x = tiny_vit(), torch.randn(5, 3, 32, 32)
     counters.clear()
     settings = BenchSettings(batch_size=2, threads=1, rounds=1, runtime="compile", eval_batch_size=2)
-    result = run_bench(model, "tiny", ["tome:r=2"], [(x, torch.arange(5) % 10)], settings, x[:2])
-    rows = {r.extra["runtime"]: r for r in result.rows if r.extra.get("spec") == "tome:r=2"}
-    assert rows["torch.compile"].top1 == rows["pytorch"].top1
+    result = run_bench(model, "tiny", ["tome:r=2", "evit:keep=0.5,blocks=(1,)"], [(x, torch.arange(5) % 10)], settings, x[:2])
+    rows = {(r.extra["spec"], r.extra["runtime"]): r for r in result.rows}
+    assert rows["tome:r=2", "torch.compile"].top1 == rows["tome:r=2", "pytorch"].top1
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] >= 3 * 4  # qkv, proj, fc1, fc2 per block
     assert torch._inductor.config.freezing is False
+    assert "graph_breaks" not in rows["tome:r=2", "torch.compile"].extra
+    assert rows["evit:keep=0.5,blocks=(1,)", "torch.compile"].extra["graph_breaks"]["count"] >= 1
+    assert [line.split(" (")[0] for line in result.meta["graph_breaks"]] == ["evit:keep=0.5,blocks=(1,)"]
 
 
 def test_cli_bench_batch1_latency_and_memory(tiny_cli, tmp_path):

@@ -199,6 +199,9 @@ def run_bench(
         "peak_memory": memory_kind,
         "runtimes": [t.name for t in targets],
         "noisy_timings": noisy_timings(rows),
+        "graph_breaks": [f"{r.extra['spec']} ({r.extra['graph_breaks']['count']}, e.g. "
+                         f"{r.extra['graph_breaks']['first'].splitlines()[0][:100]!r})"
+                         for r in rows if r.extra.get("graph_breaks")],
     }
     if len(targets) > 1:
         meta["runtime"] = describe_runtimes(targets, settings.threads)
@@ -332,9 +335,12 @@ def _runtime_rows(
                     step(f"{label}: {target.label} accuracy")
                     top1 = evaluate(runners[precision], data, batch_size=settings.eval_batch_size,
                                     progress=False).top1
+                extra = {**row.extra, "runtime": _runtime_label(target)}
+                breaks = getattr(runners[precision], "graph_breaks", None)
+                if breaks:
+                    extra["graph_breaks"] = {"count": sum(breaks.values()), "first": next(iter(breaks))}
                 other = replace(row, config=f"{row.config} · {target.label}", top1=top1,
-                                tokens_per_layer=list(row.tokens_per_layer),
-                                extra={**row.extra, "runtime": _runtime_label(target)})
+                                tokens_per_layer=list(row.tokens_per_layer), extra=extra)
                 out.append((i, other, runners[precision]))
         row.config += " · PyTorch"
         row.extra["runtime"] = "pytorch"

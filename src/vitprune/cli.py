@@ -273,6 +273,10 @@ def _bench_table(net: torch.nn.Module, model: str, specs: list[str], dataset, se
         console.print(f"[yellow]timings are noisy (round-to-round spread > {NOISY_IQR:.0%} of the median) for "
                       f"{', '.join(result.meta['noisy_timings'])}: was the machine busy? Re-run with more --rounds "
                       "on an idle machine before trusting the speedups.[/]")
+    if result.meta.get("graph_breaks"):
+        console.print(f"[yellow]torch.compile broke the graph for {'; '.join(result.meta['graph_breaks'])}: those "
+                      "rows time a partly compiled model, and its extra compiled frames slow the other compiled rows "
+                      "of this run too. Bench them without 'compile', or in a run of their own.[/]")
     summary = accuracy_at_cost(result.rows)
     if summary:
         console.print("[bold]accuracy at ≈ −35% MACs[/] (closest row per method):")

@@ -160,6 +160,7 @@ class FrozenCompiled(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.compiled = torch.compile(model)
+        self.graph_breaks: dict[str, int] = {}  # reason → count, from the compiling call (see ``compiled``)
 
     def forward(self, x: Tensor) -> Tensor:
         with torch._inductor.config.patch(freezing=True):
@@ -175,6 +176,9 @@ def compiled(model: nn.Module, sample: Tensor) -> nn.Module:
     # every configuration's copy shares timm's forward code object, and Dynamo counts recompilations per code
     # object: past its limit it would run the rest eagerly, and those rows would time eager PyTorch
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    from torch._dynamo.utils import counters
+
+    before = dict(counters["graph_break"])
     try:
         runner = FrozenCompiled(copied)
         with torch.inference_mode():
@@ -183,4 +187,7 @@ def compiled(model: nn.Module, sample: Tensor) -> nn.Module:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"torch.compile failed on this configuration ({type(err).__name__}: {first[:300]}); "
                          "leave 'compile' out of --runtime, or run with --debug for the compiler's trace") from err
+    # A graph break is not an error, but such a row times a partly compiled model, and its extra frames (timm's
+    # forward, shared by every configuration) make the others' calls slower too: the bench says so.
+    runner.graph_breaks = {k: n - before.get(k, 0) for k, n in counters["graph_break"].items() if n > before.get(k, 0)}
     return runner

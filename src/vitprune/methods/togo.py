@@ -285,6 +285,9 @@ class ToGo(TokenReducer):
         self.blocks = blocks
         self.keep_at = keep_at
         self._layouts, self._plans, self._device_layouts = {}, {}, {}
+        # the model's own grid is planned now, in plain Python: a first forward under torch.compile then finds it
+        # (planning reads tensor values, a data-dependent graph break, and fullgraph=True would fail on it)
+        self.plan(info.grid)
         if self.head_weights == "learned":
             reuse = (
                 self.module is not None
