@@ -33,7 +33,8 @@ from vitprune.measure.speed import round_robin
 from vitprune.models import create_model
 from vitprune.specs import parse_method_spec
 
-DEFAULT_METHODS = ["tome:r=13", "evit:keep=0.7", "ppt:r=50", "togo:keep=0.69"]
+from batch1_latency import DEFAULT_METHODS
+
 TOKENS = [197, 160, 128, 100, 75, 54, 30]
 
 
@@ -45,7 +46,7 @@ def fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
 
 
 def interpolate(ns: list[int], ts: list[float], n: float) -> float:
-    """``t(n)`` linear between the measured counts (``ns`` descending), extrapolated from the nearest two."""
+    """``t(n)`` linear between the measured counts (any order), extrapolated from the nearest two outside them."""
     pairs = sorted(zip(ns, ts))
     i = max(1, min(len(pairs) - 1, next((j for j, (m, _) in enumerate(pairs) if m >= n), len(pairs) - 1)))
     (n0, t0), (n1, t1) = pairs[i - 1], pairs[i]

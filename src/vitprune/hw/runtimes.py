@@ -6,8 +6,9 @@
 
 A runner is an ``nn.Module`` that takes images and returns logits, so accuracy and timing code take every runtime
 alike. Names: ``torch`` (eager PyTorch, the reference every speedup is against; ``pytorch`` is the same),
-``compile`` (``torch.compile`` of the patched model, weights frozen for inference), and the exported runtimes ``onnxruntime``, ``openvino`` and
-``executorch``, each in fp32 and int8 unless a ``-fp32`` / ``-int8`` suffix picks one:
+``compile`` (``torch.compile`` of the patched model, weights frozen for inference), and the exported runtimes
+``onnxruntime``, ``openvino`` and ``executorch``, each in fp32 and int8 unless a ``-fp32`` / ``-int8`` suffix picks
+one:
 
 - onnxruntime: ONNX (``torch.export``) in ONNX Runtime; int8 = dynamic quantization of the MatMul/Gemm weights.
 - openvino: OpenVINO IR converted from that ONNX file; int8 = NNCF post-training quantization on calibration images.
@@ -172,12 +173,12 @@ def compiled(model: nn.Module, sample: Tensor) -> nn.Module:
     configuration; a copy keeps each compiled configuration apart), compiled by one warm-up call at ``sample``'s
     shape under inference mode, as it is then timed. A failure is one ValueError naming the error, not a compiler
     traceback."""
+    from torch._dynamo.utils import counters  # graph breaks, counted by Dynamo per reason
+
     copied = copy.deepcopy(model).eval()
     # every configuration's copy shares timm's forward code object, and Dynamo counts recompilations per code
     # object: past its limit it would run the rest eagerly, and those rows would time eager PyTorch
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    from torch._dynamo.utils import counters
-
     before = dict(counters["graph_break"])
     try:
         runner = FrozenCompiled(copied)
